@@ -1,0 +1,120 @@
+"""Everything gradaccum knows about TensorFlow and Keras versions, in one place.
+
+No other module reads a version string. Facts that cannot change in a process
+(the TensorFlow release, what `tf.keras` resolves to) are computed once, at
+import or on first use. Eager versus graph mode is read when `accumulate` is
+called, because TF 1.x-style code routinely calls
+`tf.compat.v1.disable_eager_execution()` after its imports.
+
+Capabilities are probed first; release numbers are compared only as a
+fallback, with `packaging`, so that `2.16.0rc0` counts as 2.16 and 1.15 never
+looks newer than 1.9.
+"""
+
+import collections
+import functools
+import sys
+
+from packaging.version import Version
+
+try:
+    import tensorflow as tf
+except ImportError as err:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "gradaccum needs TensorFlow, and `import tensorflow` failed: {}. "
+        "Install TensorFlow with `pip install tensorflow` (or `tensorflow-cpu`; "
+        "for Keras 2 on TensorFlow >= 2.16 also `pip install tf-keras`), or "
+        "install gradaccum with an extra: `pip install gradaccum[tensorflow]`."
+        .format(err)
+    ) from err
+
+TF_VERSION = Version(tf.__version__)
+TF_RELEASE = TF_VERSION.release
+IS_TF1 = TF_RELEASE[0] < 2
+
+# The runtimes gradaccum distinguishes. Each maps to one route, or to a clear
+# "not supported yet" until its route exists.
+KERAS2_EAGER = "keras2-eager"
+KERAS3 = "keras3"
+GRAPH = "graph"
+
+Runtime = collections.namedtuple("Runtime", ["kind", "keras", "description"])
+
+
+def executing_eagerly():
+    """Whether Keras models built now run eagerly (TF2 default) or in a graph."""
+    probe = getattr(tf.compat.v1, "executing_eagerly_outside_functions", None)
+    return bool(probe()) if probe is not None else tf.executing_eagerly()
+
+
+def keras_major(module):
+    """2 for Keras 2 (tf.keras <= 2.15, tf-keras), 3 for Keras 3."""
+    # Keras 3 is the one with a backend-agnostic `ops` namespace.
+    if hasattr(module, "ops") and hasattr(module.ops, "convert_to_tensor"):
+        return 3
+    version = getattr(module, "__version__", None)
+    if version is not None:
+        return Version(version).release[0]
+    return 2
+
+
+@functools.lru_cache(maxsize=None)
+def keras2_module():
+    """The public API module of this process's Keras 2, or None.
+
+    That is `tf.keras` where it is Keras 2 (TF 2.x before 2.16, or later with
+    `TF_USE_LEGACY_KERAS=1`), else the tf-keras package if the program has
+    already imported it. gradaccum never imports tf-keras on its own: a
+    Keras 3 user should not pay for a second Keras.
+    """
+    if IS_TF1:
+        return None
+    if keras_major(tf.keras) == 2:
+        return tf.keras
+    return sys.modules.get("tf_keras")
+
+
+def _keras_of(model):
+    """(public Keras module, version string) of the Keras that built `model`, or None."""
+    for cls in type(model).__mro__:
+        if cls.__name__ != "Model":
+            continue
+        root = cls.__module__.split(".", 1)[0]
+        package = sys.modules.get(root)
+        if root == "tensorflow":  # TF 1.x and TF 2.0-2.5 ship Keras inside TF.
+            return tf.keras, tf.keras.__version__
+        if root == "tf_keras" and package is not None:
+            return package, getattr(package, "__version__", "2")
+        if root == "keras" and package is not None:
+            # Keras 2's package root is internal; its public API is tf.keras.
+            public = package if keras_major(package) >= 3 else tf.keras
+            return public, package.__version__
+    return None
+
+
+def runtime_of(model):
+    """Which runtime `model` lives in: a `Runtime`, or TypeError for non-Keras objects."""
+    found = _keras_of(model)
+    if found is None:
+        raise TypeError(
+            "accumulate: model must be a Keras model (a `tf.keras.Model`, "
+            "`keras.Model` or `tf_keras.Model`: functional, Sequential or "
+            "subclassed). Received: model={!r} of type {}.".format(
+                _short_repr(model), type(model).__module__ + "." + type(model).__qualname__))
+    keras, keras_version = found
+    major = keras_major(keras)
+    eager = executing_eagerly()
+    description = "TensorFlow {} with Keras {} ({}), {} mode".format(
+        tf.__version__, keras_version, keras.__name__, "eager" if eager else "graph")
+    if IS_TF1 or not eager:
+        kind = GRAPH
+    elif major >= 3:
+        kind = KERAS3
+    else:
+        kind = KERAS2_EAGER
+    return Runtime(kind, keras, description)
+
+
+def _short_repr(obj, limit=80):
+    text = repr(obj)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,277 @@
+"""The TF 2.x + Keras 2 route: a Keras model whose `train_step` accumulates.
+
+Keras 2 is `tf.keras` on TF 2.x before 2.16, or the tf-keras package after.
+This module is imported only on such a runtime (see `_compat.keras2_module`).
+
+Two classes share one training mixin:
+
+- `AccumModel` is a functional model rebuilt from the given model's input
+  and output tensors. It shares every layer, so the caller's model is the one
+  trained, output names (and so dict losses) stay as they were, and it saves
+  to every format a functional model saves to, `.h5` included.
+- `AccumWrapper` holds a subclassed (or unbuilt Sequential) model and calls
+  it; Keras offers SavedModel, not `.h5`, for those.
+
+A real update happens inside the training step, gated by `tf.cond`: on the
+other micro-steps the optimizer is not called at all, so its iterations,
+slots and learning-rate schedule move once per update.
+"""
+
+import tensorflow as tf
+
+from . import _compat
+from ._window import Window
+
+keras = _compat.keras2_module()
+
+APPLY = "apply"
+CARRY = "carry"
+EPOCH_END_CHOICES = (APPLY, CARRY)
+
+# The hooks that Keras' default training step calls on the model. A model
+# that overrides one of them has its own training logic, which gradaccum's
+# step would silently bypass.
+_TRAINING_HOOKS = ("train_step", "compute_loss", "compute_metrics", "make_train_function")
+# The positional index of `callbacks` in Keras 2's Model.fit signature.
+_FIT_CALLBACKS_INDEX = 5
+
+
+def wrap(model, n, epoch_end):
+    """The accumulating model for `model` (see `gradaccum.accumulate`)."""
+    if isinstance(model, _Accumulating):
+        raise ValueError(
+            "accumulate: the model already accumulates gradients (n={}); wrapping it "
+            "again would multiply the windows. Call accumulate on the original model "
+            "instead. Received: model={!r}".format(model.n, model.name))
+    overridden = [
+        hook for hook in _TRAINING_HOOKS
+        if getattr(type(model), hook, None) is not getattr(keras.Model, hook, None)]
+    if overridden:
+        raise ValueError(
+            "accumulate: {} overrides {} of keras.Model, so it has training logic of "
+            "its own that gradaccum's accumulating train_step would bypass. Remove the "
+            "override (move custom loss terms into `add_loss`) or accumulate inside "
+            "your own train_step. Received: model of type {}".format(
+                model.name, ", ".join(overridden), type(model).__name__))
+    if getattr(model, "_is_graph_network", False):
+        accumulating = AccumModel(
+            inputs=model.input, outputs=model.output, name=model.name, n=n, epoch_end=epoch_end)
+    else:
+        accumulating = AccumWrapper(model, n=n, epoch_end=epoch_end)
+    compile_args = _compile_args(model)
+    if compile_args is not None:
+        accumulating.compile(**compile_args)
+    return accumulating
+
+
+class _Accumulating(object):
+    """The training behaviour both accumulating model classes share."""
+
+    def _init_accumulation(self, n, epoch_end):
+        self._accum_n = n
+        self._accum_epoch_end = epoch_end
+        # A plain object, so that Keras tracks none of its variables: they are
+        # not weights, and must not appear in get_weights() or weight files.
+        self._accum_window = Window(n)
+
+    @property
+    def n(self):
+        """Micro-batches per real optimizer update."""
+        return self._accum_n
+
+    @property
+    def epoch_end(self):
+        """What happens to a partial window when an epoch ends: "apply" or "carry"."""
+        return self._accum_epoch_end
+
+    def _accumulation_config(self):
+        return {"n": self._accum_n, "epoch_end": self._accum_epoch_end}
+
+    def train_step(self, data):
+        if self._accum_n == 1:
+            return self._with_update_count(super(_Accumulating, self).train_step(data))
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        scaler = self.optimizer if isinstance(
+            self.optimizer, keras.mixed_precision.LossScaleOptimizer) else None
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self._accum_loss(x, y, y_pred, sample_weight)
+            if scaler is not None:
+                # Scaled per micro-batch, unscaled before the sum: the
+                # accumulators hold true gradients, and the finiteness check
+                # happens once, on the update.
+                loss = scaler.get_scaled_loss(loss)
+        variables = self.trainable_variables
+        grads = tape.gradient(loss, variables)
+        if scaler is not None:
+            grads = scaler.get_unscaled_gradients(grads)
+        window = self._accum_window
+        window.build(variables)
+        with tf.init_scope():
+            self.optimizer.iterations  # created outside the cond branch below
+        window.add(zip(grads, variables), _batch_size(x))
+        tf.cond(window.due(), self._accum_apply, lambda: tf.constant(False))
+        return self._with_update_count(self._accum_metrics(x, y, y_pred, sample_weight))
+
+    def _accum_apply(self):
+        window = self._accum_window
+        self.optimizer.apply_gradients(window.mean())
+        window.reset()
+        return tf.constant(True)
+
+    def _accum_flush(self):
+        """Applies a partial window now (epoch end when its length is unknown)."""
+        window = self._accum_window
+        if self._accum_epoch_end == APPLY and window.built and int(window.count.numpy()) > 0:
+            self._accum_apply()
+
+    def _accum_loss(self, x, y, y_pred, sample_weight):
+        if hasattr(self, "compute_loss"):  # Keras >= 2.9
+            return self.compute_loss(x, y, y_pred, sample_weight)
+        return self.compiled_loss(y, y_pred, sample_weight, regularization_losses=self.losses)
+
+    def _accum_metrics(self, x, y, y_pred, sample_weight):
+        if hasattr(self, "compute_metrics"):  # Keras >= 2.9
+            return self.compute_metrics(x, y, y_pred, sample_weight)
+        self.compiled_metrics.update_state(y, y_pred, sample_weight)
+        return {metric.name: metric.result() for metric in self.metrics}
+
+    def _with_update_count(self, logs):
+        logs = dict(logs)
+        logs["updates"] = tf.identity(self.optimizer.iterations)
+        return logs
+
+    def fit(self, *args, **kwargs):
+        args = list(args)
+        if len(args) > _FIT_CALLBACKS_INDEX:
+            args[_FIT_CALLBACKS_INDEX] = self._accum_callbacks(args[_FIT_CALLBACKS_INDEX])
+        else:
+            kwargs["callbacks"] = self._accum_callbacks(kwargs.get("callbacks"))
+        return super(_Accumulating, self).fit(*args, **kwargs)
+
+    def _accum_callbacks(self, callbacks):
+        if isinstance(callbacks, keras.callbacks.CallbackList):
+            raise TypeError(
+                "accumulate: fit(callbacks=...) must be a list of callbacks for an "
+                "accumulating model. Received: a CallbackList")
+        callbacks = list(callbacks or [])
+        if not any(isinstance(cb, keras.callbacks.ProgbarLogger) for cb in callbacks):
+            # `updates` is a running count, not a per-batch value to average.
+            callbacks.insert(0, keras.callbacks.ProgbarLogger(
+                count_mode="steps", stateful_metrics=["updates"]))
+        callbacks.append(_WindowCallback())
+        return callbacks
+
+
+class _WindowCallback(keras.callbacks.Callback):
+    """Tells the window where epochs end, and flushes when that was unknown."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.model.n > 1:
+            steps = self.params.get("steps") if self.model.epoch_end == APPLY else None
+            self.model._accum_window.start_epoch(steps)
+
+    def on_test_begin(self, logs=None):
+        # fit() validates after the epoch's last step: with a known epoch
+        # length the window was applied in that step; otherwise apply it here,
+        # so that validation sees the weights big-batch training would have.
+        self.model._accum_flush()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.model._accum_flush()
+        if logs is not None:
+            logs["updates"] = int(self.model.optimizer.iterations.numpy())
+
+    def on_train_end(self, logs=None):
+        self.model._accum_window.end_epochs()
+
+
+@keras.utils.register_keras_serializable(package="gradaccum")
+class AccumModel(_Accumulating, keras.Model):
+    """A functional Keras model that applies its optimizer once every `n` batches.
+
+    Built by `gradaccum.accumulate` from a functional or Sequential model; it
+    shares that model's layers and weights.
+
+    Example:
+        >>> model = gradaccum.accumulate(functional_model, 4)
+        >>> model.compile("adam", "mse")
+        >>> model.fit(x, y, batch_size=8)  # same weights as batch_size=32
+    """
+
+    def __init__(self, *args, n, epoch_end=APPLY, **kwargs):
+        super(AccumModel, self).__init__(*args, **kwargs)
+        self._init_accumulation(n, epoch_end)
+
+    def get_config(self):
+        config = super(AccumModel, self).get_config()
+        config.update(self._accumulation_config())
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        options = {key: config.pop(key) for key in ("n", "epoch_end") if key in config}
+        plain = keras.Model.from_config(config, custom_objects)
+        return cls(inputs=plain.input, outputs=plain.output, name=plain.name, **options)
+
+
+@keras.utils.register_keras_serializable(package="gradaccum")
+class AccumWrapper(_Accumulating, keras.Model):
+    """Wraps a subclassed Keras model; applies its optimizer once every `n` batches.
+
+    Example:
+        >>> model = gradaccum.accumulate(MySubclassedModel(), 4)
+    """
+
+    def __init__(self, model, n, epoch_end=APPLY, **kwargs):
+        kwargs.setdefault("name", model.name)
+        super(AccumWrapper, self).__init__(**kwargs)
+        self.wrapped = model
+        self._init_accumulation(n, epoch_end)
+
+    def call(self, inputs, training=None):
+        return self.wrapped(inputs, training=training)
+
+    def get_config(self):
+        config = {"model": keras.utils.serialize_keras_object(self.wrapped), "name": self.name}
+        config.update(self._accumulation_config())
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        model = keras.utils.deserialize_keras_object(
+            config.pop("model"), custom_objects=custom_objects)
+        return cls(model, **config)
+
+
+def _batch_size(x):
+    return tf.shape(tf.nest.flatten(x)[0])[0]
+
+
+def _compile_args(model):
+    """The arguments `model` was compiled with, to compile its wrapper alike."""
+    if not getattr(model, "_is_compiled", False):
+        return None
+    try:
+        args = {
+            "optimizer": model.optimizer,
+            "loss": model.compiled_loss._user_losses,
+            "loss_weights": model.compiled_loss._user_loss_weights,
+            "metrics": model.compiled_metrics._user_metrics,
+            "weighted_metrics": model.compiled_metrics._user_weighted_metrics,
+            "run_eagerly": model._run_eagerly,
+        }
+    except AttributeError as err:
+        raise RuntimeError(
+            "accumulate: cannot read the compile() arguments of this already compiled "
+            "model on {} ({}). Call accumulate(model, n) before model.compile(...)."
+            .format(keras.__name__, err)) from err
+    steps = getattr(model, "_steps_per_execution", None)
+    if steps is not None:
+        args["steps_per_execution"] = int(steps.numpy())
+    jit_compile = getattr(model, "_jit_compile", None)
+    if jit_compile is not None:
+        args["jit_compile"] = jit_compile
+    return args
