@@ -204,7 +204,10 @@ class AccumModel(_Accumulating, keras.Model):
         self._init_accumulation(n, epoch_end)
 
     def get_config(self):
-        config = super(AccumModel, self).get_config()
+        # A plain functional view of the same graph gives the functional
+        # config on every Keras 2: tf-keras >= 2.13 writes one only for
+        # classes whose constructor is exactly Functional's.
+        config = keras.Model(inputs=self.input, outputs=self.output, name=self.name).get_config()
         config.update(self._accumulation_config())
         return config
 
@@ -275,3 +278,10 @@ def _compile_args(model):
     if jit_compile is not None:
         args["jit_compile"] = jit_compile
     return args
+
+
+# Keras 2's .h5 writer (up to 2.12 at least) records the bare class name, not
+# the registered "gradaccum>..." one; make the bare names loadable too,
+# without overriding a user's own object of that name.
+for _cls in (AccumModel, AccumWrapper):
+    keras.utils.get_custom_objects().setdefault(_cls.__name__, _cls)

@@ -1,0 +1,112 @@
+"""Bad input is a clear error, raised at once, naming what was received."""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import helpers
+from helpers import keras
+from gradaccum import accumulate
+
+
+@pytest.mark.parametrize("n, error", [
+    (0, ValueError), (-3, ValueError),
+    (2.5, TypeError), (4.0, TypeError), (True, TypeError), ("4", TypeError), (None, TypeError),
+])
+def test_invalid_n_is_refused(n, error):
+    with pytest.raises(error) as caught:
+        accumulate(helpers.functional_mlp(), n)
+    message = str(caught.value)
+    assert "Received: n={!r}".format(n) in message and "integer >= 1" in message
+
+
+def test_numpy_integer_n_is_accepted():
+    assert accumulate(helpers.functional_mlp(), np.int64(3)).n == 3
+
+
+def test_invalid_epoch_end_is_refused():
+    with pytest.raises(ValueError, match=r"epoch_end must be one of \('apply', 'carry'\). Received: epoch_end='drop'"):
+        accumulate(helpers.functional_mlp(), 2, epoch_end="drop")
+
+
+@pytest.mark.parametrize("model", [object(), tf.Module(), "model", lambda: None], ids=["object", "tf.Module", "str", "function"])
+def test_non_keras_model_is_a_type_error(model):
+    with pytest.raises(TypeError, match="model must be a Keras model.*Received: model="):
+        accumulate(model, 4)
+
+
+def test_keras_layer_is_not_a_model():
+    with pytest.raises(TypeError, match="Received: model=.*Dense"):
+        accumulate(keras.layers.Dense(3), 4)
+
+
+def test_accumulating_twice_is_refused():
+    once = accumulate(helpers.functional_mlp(), 2)
+    with pytest.raises(ValueError, match=r"already accumulates gradients \(n=2\)"):
+        accumulate(once, 2)
+
+
+class OwnTrainStep(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(1)
+
+    def call(self, inputs):
+        return self.dense(inputs)
+
+    def train_step(self, data):
+        return super().train_step(data)
+
+
+def test_model_with_its_own_train_step_is_refused():
+    with pytest.raises(ValueError, match="overrides train_step"):
+        accumulate(OwnTrainStep(), 4)
+
+
+def run_python(code):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=300)
+
+
+def test_missing_tensorflow_says_how_to_install_it():
+    result = run_python("""
+        import sys
+        sys.modules["tensorflow"] = None  # what a missing package looks like to import
+        try:
+            import gradaccum
+        except ImportError as err:
+            print("ImportError:", err)
+    """)
+    assert "ImportError: gradaccum needs TensorFlow" in result.stdout, result.stdout
+    assert "pip install tensorflow" in result.stdout
+
+
+def test_graph_mode_is_reported_as_not_supported_yet():
+    result = run_python("""
+        import tensorflow as tf
+        tf.compat.v1.disable_eager_execution()
+        from gradaccum import _compat, accumulate
+        keras = _compat.keras2_module()
+        inputs = keras.Input((3,))
+        model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+        try:
+            accumulate(model, 4)
+        except NotImplementedError as err:
+            print("NotImplementedError:", err)
+    """)
+    assert "NotImplementedError: accumulate: gradaccum does not support this runtime yet" in result.stdout, result.stdout
+    assert "graph mode" in result.stdout
+
+
+def test_keras3_is_reported_as_not_supported_yet():
+    keras3 = pytest.importorskip("keras")
+    if not hasattr(keras3, "ops"):
+        pytest.skip("the keras package here is Keras {}, not Keras 3".format(keras3.__version__))
+    inputs = keras3.Input((3,))
+    model = keras3.Model(inputs, keras3.layers.Dense(1)(inputs))
+    with pytest.raises(NotImplementedError, match=r"Keras 3\.\d+.*not support|does not support this runtime yet: .*Keras 3"):
+        accumulate(model, 4)

@@ -1,0 +1,124 @@
+"""The model accumulate returns: shared weights, compile transfer, logs, saving."""
+
+import numpy as np
+import pytest
+
+import helpers
+from helpers import keras
+from gradaccum import accumulate
+
+N, B = 4, 8
+
+
+@pytest.mark.parametrize("kind", ["functional", "subclassed"])
+def test_the_callers_model_is_the_one_trained(kind):
+    x, y = helpers.data()
+    original = helpers.MODELS[kind]()
+    model = accumulate(original, N)
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    before = helpers.weights_of(original)
+    model.fit(x, y, batch_size=B, epochs=1, verbose=0)
+    trained = helpers.weights_of(model)
+    assert len(trained) == len(before), "accumulators leaked into get_weights()"
+    for mine, theirs, old in zip(trained, helpers.weights_of(original), before):
+        np.testing.assert_array_equal(mine, theirs)
+        assert np.any(mine != old)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), original.predict(x, verbose=0))
+    original.compile(loss="mse")
+    assert model.evaluate(x, y, verbose=0) == pytest.approx(original.evaluate(x, y, verbose=0), rel=1e-6)
+
+
+def test_wrapping_a_compiled_model_keeps_its_compile_settings():
+    x, y = helpers.data()
+    rng = np.random.RandomState(2)
+    inputs = [x, rng.normal(size=(len(x), 2)).astype("float32")]
+    targets = {"first": y, "second": (rng.uniform(size=(len(x), 1)) > 0.5).astype("float32")}
+    initial = helpers.weights_of(two_outputs())
+
+    def compiled():
+        model = helpers.fresh(two_outputs, initial)
+        model.compile(keras.optimizers.Adam(0.01), loss={"first": "mse", "second": "binary_crossentropy"},
+                      loss_weights={"first": 0.3, "second": 2.0}, metrics={"second": ["accuracy"]})
+        return model
+
+    original = compiled()
+    model = accumulate(original, N)
+    assert model.optimizer is original.optimizer
+    history = model.fit(inputs, targets, batch_size=B, epochs=2, shuffle=False, verbose=0)
+    assert "second_accuracy" in history.history
+    big = compiled()
+    big.fit(inputs, targets, batch_size=N * B, epochs=2, shuffle=False, verbose=0)
+    helpers.assert_same_training(initial, helpers.weights_of(model), helpers.weights_of(big))
+    assert int(model.optimizer.iterations.numpy()) == int(big.optimizer.iterations.numpy()) == 6
+
+
+def two_outputs():
+    left, right = keras.Input((5,), name="left"), keras.Input((2,), name="right")
+    joined = keras.layers.Concatenate()([keras.layers.Dense(6, activation="tanh")(left), right])
+    return keras.Model([left, right], [keras.layers.Dense(3, name="first")(joined),
+                                       keras.layers.Dense(1, activation="sigmoid", name="second")(joined)])
+
+
+def test_logs_count_updates_and_keep_metrics(capsys):
+    x, y = helpers.data(100)
+    model = accumulate(helpers.functional_mlp(), N)
+    model.compile(keras.optimizers.SGD(0.01), "mse", metrics=["mae"])
+    history = model.fit(x, y, batch_size=B, epochs=2, verbose=1, validation_data=(x, y))
+    assert history.history["updates"] == [4, 8]
+    assert set(history.history) >= {"loss", "mae", "val_loss", "val_mae", "updates"}
+    printed = capsys.readouterr().out
+    # The progress bar shows the running count, not a per-batch average of it.
+    assert "updates: 4.0000" in printed and "updates: 8.0000" in printed
+
+
+def fit_save_reload_fit(model_factory, initial, path, batch_size, n=None, **save_kwargs):
+    """One epoch, save, load without custom_objects, one more epoch."""
+    model = helpers.fresh(model_factory, initial)
+    if n is not None:
+        model = accumulate(model, n)
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    x, y = helpers.data(100)
+    model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
+    model.save(path, **save_kwargs)
+    reloaded = keras.models.load_model(path)
+    if n is not None:
+        assert type(reloaded) is type(model)
+        assert reloaded.n == n and reloaded.get_config()["n"] == n
+        np.testing.assert_allclose(reloaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
+    reloaded.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
+    return helpers.weights_of(reloaded), int(reloaded.optimizer.iterations.numpy())
+
+
+SUFFIXES = {"savedmodel": "", "h5": ".h5", "keras": ".keras"}
+
+
+@pytest.mark.parametrize("fmt", sorted(SUFFIXES))
+def test_saved_model_reloads_and_keeps_accumulating(tmp_path, fmt):
+    # The reference goes through the same save and load: formats differ in
+    # what optimizer state they restore (Keras 2's SavedModel restores none).
+    initial = helpers.weights_of(helpers.functional_mlp())
+    accumulated, acc_steps = fit_save_reload_fit(
+        helpers.functional_mlp, initial, str(tmp_path / ("acc" + SUFFIXES[fmt])), B, n=N)
+    big, big_steps = fit_save_reload_fit(helpers.functional_mlp, initial, str(tmp_path / ("big" + SUFFIXES[fmt])), N * B)
+    helpers.assert_same_training(initial, accumulated, big)
+    assert acc_steps == big_steps
+
+
+@keras.utils.register_keras_serializable(package="gradaccum_tests")
+class RegisteredMLP(helpers.SubclassedMLP):
+    pass
+
+
+def registered_mlp():
+    model = RegisteredMLP()
+    model(np.zeros((1, 5), "float32"))
+    return model
+
+
+def test_subclassed_model_reloads_from_savedmodel(tmp_path):
+    initial = helpers.weights_of(registered_mlp())
+    accumulated, acc_steps = fit_save_reload_fit(
+        registered_mlp, initial, str(tmp_path / "acc"), B, n=N, save_format="tf")
+    big, big_steps = fit_save_reload_fit(registered_mlp, initial, str(tmp_path / "big"), N * B, save_format="tf")
+    helpers.assert_same_training(initial, accumulated, big)
+    assert acc_steps == big_steps
