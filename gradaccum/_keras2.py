@@ -32,7 +32,8 @@ EPOCH_END_CHOICES = (APPLY, CARRY)
 # that overrides one of them has its own training logic, which gradaccum's
 # step would silently bypass.
 _TRAINING_HOOKS = ("train_step", "compute_loss", "compute_metrics", "make_train_function")
-# The positional index of `callbacks` in Keras 2's Model.fit signature.
+# Positional indices in Keras 2's Model.fit(x, y, batch_size, epochs, verbose, callbacks, ...).
+_FIT_VERBOSE_INDEX = 4
 _FIT_CALLBACKS_INDEX = 5
 
 
@@ -143,23 +144,27 @@ class _Accumulating(object):
 
     def fit(self, *args, **kwargs):
         args = list(args)
+        verbose = args[_FIT_VERBOSE_INDEX] if len(args) > _FIT_VERBOSE_INDEX else kwargs.get("verbose", "auto")
         if len(args) > _FIT_CALLBACKS_INDEX:
-            args[_FIT_CALLBACKS_INDEX] = self._accum_callbacks(args[_FIT_CALLBACKS_INDEX])
+            args[_FIT_CALLBACKS_INDEX] = self._accum_callbacks(args[_FIT_CALLBACKS_INDEX], verbose)
         else:
-            kwargs["callbacks"] = self._accum_callbacks(kwargs.get("callbacks"))
+            kwargs["callbacks"] = self._accum_callbacks(kwargs.get("callbacks"), verbose)
         return super(_Accumulating, self).fit(*args, **kwargs)
 
-    def _accum_callbacks(self, callbacks):
+    def _accum_callbacks(self, callbacks, verbose):
         if isinstance(callbacks, keras.callbacks.CallbackList):
             raise TypeError(
                 "accumulate: fit(callbacks=...) must be a list of callbacks for an "
                 "accumulating model. Received: a CallbackList")
         callbacks = list(callbacks or [])
-        if not any(isinstance(cb, keras.callbacks.ProgbarLogger) for cb in callbacks):
+        if verbose != 0 and not any(isinstance(cb, keras.callbacks.ProgbarLogger) for cb in callbacks):
             # `updates` is a running count, not a per-batch value to average.
+            # (Only when something is printed: a progress bar costs a Python
+            # call per batch.)
             callbacks.insert(0, keras.callbacks.ProgbarLogger(
                 count_mode="steps", stateful_metrics=["updates"]))
-        callbacks.append(_WindowCallback())
+        if self._accum_n > 1:
+            callbacks.append(_WindowCallback())
         return callbacks
 
 
@@ -167,9 +172,8 @@ class _WindowCallback(keras.callbacks.Callback):
     """Tells the window where epochs end, and flushes when that was unknown."""
 
     def on_epoch_begin(self, epoch, logs=None):
-        if self.model.n > 1:
-            steps = self.params.get("steps") if self.model.epoch_end == APPLY else None
-            self.model._accum_window.start_epoch(steps)
+        steps = self.params.get("steps") if self.model.epoch_end == APPLY else None
+        self.model._accum_window.start_epoch(steps)
 
     def on_test_begin(self, logs=None):
         # fit() validates after the epoch's last step: with a known epoch

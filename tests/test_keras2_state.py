@@ -10,7 +10,7 @@ from gradaccum import accumulate
 
 def optimizer_state(optimizer):
     variables = optimizer.variables() if callable(optimizer.variables) else optimizer.variables
-    return [np.array(v) for v in variables]
+    return [v.numpy() for v in variables]
 
 
 def test_micro_steps_leave_weights_slots_and_iterations_alone():
