@@ -13,9 +13,10 @@ looks newer than 1.9.
 
 import collections
 import functools
+import re
 import sys
 
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 
 try:
     import tensorflow as tf
@@ -53,9 +54,12 @@ def keras_major(module):
     if hasattr(module, "ops") and hasattr(module.ops, "convert_to_tensor"):
         return 3
     version = getattr(module, "__version__", None)
-    if version is not None:
+    if version is None:
+        return 2
+    try:
         return Version(version).release[0]
-    return 2
+    except InvalidVersion:  # TF 1.x's Keras says "2.2.4-tf"
+        return int(re.match(r"\d+", version).group())
 
 
 @functools.lru_cache(maxsize=None)

@@ -91,21 +91,13 @@ class _Accumulating(object):
     def train_step(self, data):
         if self._accum_n == 1:
             return self._with_update_count(super(_Accumulating, self).train_step(data))
+        _refuse_loss_scaling(self.optimizer)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        scaler = self.optimizer if isinstance(
-            self.optimizer, keras.mixed_precision.LossScaleOptimizer) else None
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             loss = self._accum_loss(x, y, y_pred, sample_weight)
-            if scaler is not None:
-                # Scaled per micro-batch, unscaled before the sum: the
-                # accumulators hold true gradients, and the finiteness check
-                # happens once, on the update.
-                loss = scaler.get_scaled_loss(loss)
         variables = self.trainable_variables
         grads = tape.gradient(loss, variables)
-        if scaler is not None:
-            grads = scaler.get_unscaled_gradients(grads)
         window = self._accum_window
         window.build(variables)
         with tf.init_scope():
@@ -251,6 +243,17 @@ class AccumWrapper(_Accumulating, keras.Model):
         model = keras.utils.deserialize_keras_object(
             config.pop("model"), custom_objects=custom_objects)
         return cls(model, **config)
+
+
+def _refuse_loss_scaling(optimizer):
+    # Loss scaling must happen per micro-batch and its finiteness check once
+    # per window; until that is built and proven against the big batch, say so
+    # rather than train float16 gradients unscaled.
+    if isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
+        raise NotImplementedError(
+            "accumulate: mixed precision with a LossScaleOptimizer (the mixed_float16 "
+            "policy wraps one around your optimizer) is not supported yet. Train in "
+            "float32, or with n=1. Received: optimizer={}".format(type(optimizer).__name__))
 
 
 def _batch_size(x):

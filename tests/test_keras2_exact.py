@@ -104,12 +104,14 @@ def test_ragged_window_applies_at_epoch_end(n_samples):
     assert history.history["updates"] == [updates_per_epoch * e for e in (1, 2, 3)]
 
 
+@helpers.needs_jit_compile
 def test_steps_per_execution_and_jit_compile_match_big_batch():
     x, y = helpers.data(100)
     compare(helpers.functional_mlp, OPTIMIZERS["adam"], x, y, "ragged/steps_per_execution+jit",
             compile_kwargs={"steps_per_execution": 3, "jit_compile": True})
 
 
+@helpers.needs_jit_compile
 def test_jit_compile_matches_big_batch():
     x, y = helpers.data()
     compare(helpers.sequential_mlp, OPTIMIZERS["nesterov"], x, y, "jit_compile",

@@ -122,3 +122,43 @@ def test_subclassed_model_reloads_from_savedmodel(tmp_path):
     big, big_steps = fit_save_reload_fit(registered_mlp, initial, str(tmp_path / "big"), N * B, save_format="tf")
     helpers.assert_same_training(initial, accumulated, big)
     assert acc_steps == big_steps
+
+
+def test_numpy_integer_n_is_accepted():
+    assert accumulate(helpers.functional_mlp(), np.int64(3)).n == 3
+
+
+def test_accumulating_twice_is_refused():
+    once = accumulate(helpers.functional_mlp(), 2)
+    with pytest.raises(ValueError, match=r"already accumulates gradients \(n=2\)"):
+        accumulate(once, 2)
+
+
+class OwnTrainStep(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(1)
+
+    def call(self, inputs):
+        return self.dense(inputs)
+
+    def train_step(self, data):
+        return super().train_step(data)
+
+
+def test_model_with_its_own_train_step_is_refused():
+    with pytest.raises(ValueError, match="overrides train_step"):
+        accumulate(OwnTrainStep(), 4)
+
+
+def test_mixed_precision_loss_scaling_is_refused_until_supported():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = accumulate(helpers.functional_mlp(), N)
+        model.compile("adam", "mse")  # Keras wraps the optimizer in a LossScaleOptimizer
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    x, y = helpers.data()
+    with pytest.raises(NotImplementedError, match="LossScaleOptimizer.*not supported yet"):
+        model.fit(x, y, batch_size=B, verbose=0)
+
