@@ -1,6 +1,14 @@
-import pytest
+import json
+import os
+import platform
+import random
+import sys
 
-from helpers import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from gradaccum import _compat
 
 
 @pytest.fixture(autouse=True)
@@ -10,4 +18,39 @@ def _seeded():
     # rounding on near-zero gradient components: over 12 random seeds its
     # error reached 2e-6 of the weight change (tolerance 1e-5), so an
     # unseeded suite would be reproducible only most of the time.
-    keras.utils.set_random_seed(20261124)
+    seed = 20261124
+    random.seed(seed)
+    np.random.seed(seed)
+    tf.compat.v1.set_random_seed(seed)
+
+
+def _keras_description():
+    if _compat.IS_TF1:
+        return "tf.keras {} (graph)".format(tf.keras.__version__)
+    keras2 = _compat.keras2_module()
+    if keras2 is not None:
+        package = sys.modules.get(keras2.__name__.split(".", 1)[0])
+        return "{} {}".format(package.__name__, getattr(package, "__version__", "?"))
+    import keras
+    return "keras {}".format(keras.__version__)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Writes this environment's versions and counts to $GRADACCUM_REPORT (for the matrix table)."""
+    path = os.environ.get("GRADACCUM_REPORT")
+    if not path:
+        return
+    stats = terminalreporter.stats
+    report = {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": _keras_description(),
+        "passed": len(stats.get("passed", [])),
+        "failed": len(stats.get("failed", [])) + len(stats.get("error", [])),
+        "skipped": len(stats.get("skipped", [])),
+    }
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        os.makedirs(directory)
+    with open(path, "w") as handle:
+        json.dump(report, handle)

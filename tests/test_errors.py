@@ -1,16 +1,22 @@
-"""Bad input is a clear error, raised at once, naming what was received."""
+"""Bad input is a clear error, raised at once, naming what was received.
+
+These run on every runtime: the facade checks its arguments before it routes.
+"""
 
 import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import tensorflow as tf
 
-import helpers
-from helpers import keras
-from gradaccum import accumulate
+from gradaccum import _compat, accumulate
+
+
+def any_model():
+    """A small model of whatever Keras `tf.keras` is here (TF1, Keras 2 or 3)."""
+    inputs = tf.keras.Input((5,))
+    return tf.keras.Model(inputs, tf.keras.layers.Dense(1)(inputs))
 
 
 @pytest.mark.parametrize("n, error", [
@@ -19,18 +25,14 @@ from gradaccum import accumulate
 ])
 def test_invalid_n_is_refused(n, error):
     with pytest.raises(error) as caught:
-        accumulate(helpers.functional_mlp(), n)
+        accumulate(any_model(), n)
     message = str(caught.value)
     assert "Received: n={!r}".format(n) in message and "integer >= 1" in message
 
 
-def test_numpy_integer_n_is_accepted():
-    assert accumulate(helpers.functional_mlp(), np.int64(3)).n == 3
-
-
 def test_invalid_epoch_end_is_refused():
     with pytest.raises(ValueError, match=r"epoch_end must be one of \('apply', 'carry'\). Received: epoch_end='drop'"):
-        accumulate(helpers.functional_mlp(), 2, epoch_end="drop")
+        accumulate(any_model(), 2, epoch_end="drop")
 
 
 @pytest.mark.parametrize("model", [object(), tf.Module(), "model", lambda: None], ids=["object", "tf.Module", "str", "function"])
@@ -41,30 +43,7 @@ def test_non_keras_model_is_a_type_error(model):
 
 def test_keras_layer_is_not_a_model():
     with pytest.raises(TypeError, match="Received: model=.*Dense"):
-        accumulate(keras.layers.Dense(3), 4)
-
-
-def test_accumulating_twice_is_refused():
-    once = accumulate(helpers.functional_mlp(), 2)
-    with pytest.raises(ValueError, match=r"already accumulates gradients \(n=2\)"):
-        accumulate(once, 2)
-
-
-class OwnTrainStep(keras.Model):
-    def __init__(self):
-        super().__init__()
-        self.dense = keras.layers.Dense(1)
-
-    def call(self, inputs):
-        return self.dense(inputs)
-
-    def train_step(self, data):
-        return super().train_step(data)
-
-
-def test_model_with_its_own_train_step_is_refused():
-    with pytest.raises(ValueError, match="overrides train_step"):
-        accumulate(OwnTrainStep(), 4)
+        accumulate(tf.keras.layers.Dense(3), 4)
 
 
 def run_python(code):
@@ -86,11 +65,13 @@ def test_missing_tensorflow_says_how_to_install_it():
 
 
 def test_graph_mode_is_reported_as_not_supported_yet():
+    if not _compat.IS_TF1 and _compat.keras2_module() is None:
+        pytest.skip("Keras 3 builds no models in graph mode")
     result = run_python("""
         import tensorflow as tf
         tf.compat.v1.disable_eager_execution()
         from gradaccum import _compat, accumulate
-        keras = _compat.keras2_module()
+        keras = tf.keras if _compat.IS_TF1 else _compat.keras2_module()
         inputs = keras.Input((3,))
         model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
         try:
