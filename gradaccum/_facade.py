@@ -4,8 +4,7 @@ import importlib
 import numbers
 
 from . import _compat
-
-EPOCH_END_CHOICES = ("apply", "carry")
+from ._window import APPLY, EPOCH_END_CHOICES
 
 # Runtime kind -> (route module, or None while the route does not exist yet).
 _ROUTES = {
@@ -15,7 +14,7 @@ _ROUTES = {
 }
 
 
-def accumulate(model, n, epoch_end="apply"):
+def accumulate(model, n, epoch_end=APPLY):
     """Makes `model` train with gradient accumulation over `n` micro-batches.
 
     Training the returned model with batches of size `b` applies the optimizer

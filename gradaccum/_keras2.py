@@ -20,13 +20,9 @@ slots and learning-rate schedule move once per update.
 import tensorflow as tf
 
 from . import _compat
-from ._window import Window
+from ._window import APPLY, Window
 
 keras = _compat.keras2_module()
-
-APPLY = "apply"
-CARRY = "carry"
-EPOCH_END_CHOICES = (APPLY, CARRY)
 
 # The hooks that Keras' default training step calls on the model. A model
 # that overrides one of them has its own training logic, which gradaccum's

@@ -24,6 +24,12 @@ import tensorflow as tf
 
 _FLOAT_ACCUMULATORS = (tf.float32, tf.float64)
 
+# What a route does with a partial window when an epoch ends: apply it as one
+# update weighted by its samples, or carry it into the next epoch.
+APPLY = "apply"
+CARRY = "carry"
+EPOCH_END_CHOICES = (APPLY, CARRY)
+
 
 class Window(object):
     """Weighted gradient sums and counters between two updates.
