@@ -71,6 +71,23 @@ def subclassed_mlp(n_features=5, n_outputs=3):
     return model
 
 
+def two_in_two_out():
+    """Two inputs, two named outputs (for dict losses, loss_weights, metrics)."""
+    left, right = keras.Input((5,), name="left"), keras.Input((2,), name="right")
+    joined = keras.layers.Concatenate()([keras.layers.Dense(6, activation="tanh")(left), right])
+    first = keras.layers.Dense(3, name="first")(joined)
+    second = keras.layers.Dense(1, activation="sigmoid", name="second")(joined)
+    return keras.Model([left, right], [first, second])
+
+
+def two_in_two_out_data():
+    x, y = data()
+    rng = np.random.RandomState(2)
+    inputs = [x, rng.normal(size=(len(x), 2)).astype("float32")]
+    targets = {"first": y, "second": (rng.uniform(size=(len(x), 1)) > 0.5).astype("float32")}
+    return inputs, targets
+
+
 MODELS = {"functional": functional_mlp, "sequential": sequential_mlp, "subclassed": subclassed_mlp}
 
 

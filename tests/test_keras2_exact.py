@@ -76,20 +76,9 @@ def test_class_weight_matches_big_batch():
             loss="sparse_categorical_crossentropy", class_weight={0: 1.0, 1: 4.0, 2: 0.5})
 
 
-def two_in_two_out():
-    left, right = keras.Input((5,), name="left"), keras.Input((2,), name="right")
-    joined = keras.layers.Concatenate()([keras.layers.Dense(6, activation="tanh")(left), right])
-    first = keras.layers.Dense(3, name="first")(joined)
-    second = keras.layers.Dense(1, activation="sigmoid", name="second")(joined)
-    return keras.Model([left, right], [first, second])
-
-
 def test_multi_input_multi_output_loss_weights_match_big_batch():
-    x, y = helpers.data()
-    rng = np.random.RandomState(2)
-    inputs = [x, rng.normal(size=(len(x), 2)).astype("float32")]
-    targets = {"first": y, "second": (rng.uniform(size=(len(x), 1)) > 0.5).astype("float32")}
-    compare(two_in_two_out, OPTIMIZERS["rmsprop"], inputs, targets, "weighting/multi_io",
+    inputs, targets = helpers.two_in_two_out_data()
+    compare(helpers.two_in_two_out, OPTIMIZERS["rmsprop"], inputs, targets, "weighting/multi_io",
             loss={"first": "mse", "second": "binary_crossentropy"},
             compile_kwargs={"loss_weights": {"first": 0.3, "second": 2.0}})
 

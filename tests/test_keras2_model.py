@@ -29,14 +29,11 @@ def test_the_callers_model_is_the_one_trained(kind):
 
 
 def test_wrapping_a_compiled_model_keeps_its_compile_settings():
-    x, y = helpers.data()
-    rng = np.random.RandomState(2)
-    inputs = [x, rng.normal(size=(len(x), 2)).astype("float32")]
-    targets = {"first": y, "second": (rng.uniform(size=(len(x), 1)) > 0.5).astype("float32")}
-    initial = helpers.weights_of(two_outputs())
+    inputs, targets = helpers.two_in_two_out_data()
+    initial = helpers.weights_of(helpers.two_in_two_out())
 
     def compiled():
-        model = helpers.fresh(two_outputs, initial)
+        model = helpers.fresh(helpers.two_in_two_out, initial)
         model.compile(keras.optimizers.Adam(0.01), loss={"first": "mse", "second": "binary_crossentropy"},
                       loss_weights={"first": 0.3, "second": 2.0}, metrics={"second": ["accuracy"]})
         return model
@@ -50,13 +47,6 @@ def test_wrapping_a_compiled_model_keeps_its_compile_settings():
     big.fit(inputs, targets, batch_size=N * B, epochs=2, shuffle=False, verbose=0)
     helpers.assert_same_training(initial, helpers.weights_of(model), helpers.weights_of(big))
     assert int(model.optimizer.iterations.numpy()) == int(big.optimizer.iterations.numpy()) == 6
-
-
-def two_outputs():
-    left, right = keras.Input((5,), name="left"), keras.Input((2,), name="right")
-    joined = keras.layers.Concatenate()([keras.layers.Dense(6, activation="tanh")(left), right])
-    return keras.Model([left, right], [keras.layers.Dense(3, name="first")(joined),
-                                       keras.layers.Dense(1, activation="sigmoid", name="second")(joined)])
 
 
 def test_logs_count_updates_and_keep_metrics(capsys):
