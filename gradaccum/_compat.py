@@ -35,9 +35,9 @@ IS_TF1 = TF_RELEASE[0] < 2
 
 # The runtimes gradaccum distinguishes. Each maps to one route, or to a clear
 # "not supported yet" until its route exists.
-KERAS2_EAGER = "keras2-eager"
+KERAS2_EAGER = "keras2-eager"  # TF 2.x, Keras 2, eager: train_step accumulates
+GRAPH = "graph"  # TF 1.x, or TF 2.x with eager disabled: accumulation in the graph
 KERAS3 = "keras3"
-GRAPH = "graph"
 
 Runtime = collections.namedtuple("Runtime", ["kind", "keras", "description"])
 
@@ -66,16 +66,33 @@ def keras_major(module):
 def keras2_module():
     """The public API module of this process's Keras 2, or None.
 
-    That is `tf.keras` where it is Keras 2 (TF 2.x before 2.16, or later with
-    `TF_USE_LEGACY_KERAS=1`), else the tf-keras package if the program has
-    already imported it. gradaccum never imports tf-keras on its own: a
-    Keras 3 user should not pay for a second Keras.
+    That is `tf.keras` where it is Keras 2 (TF 1.x, TF 2.x before 2.16, or
+    later with `TF_USE_LEGACY_KERAS=1`), else the tf-keras package if the
+    program has already imported it. gradaccum never imports tf-keras on its
+    own: a Keras 3 user should not pay for a second Keras.
     """
-    if IS_TF1:
-        return None
     if keras_major(tf.keras) == 2:
         return tf.keras
     return sys.modules.get("tf_keras")
+
+
+def variable_key(variable):
+    """A hashable stand-in for a variable (`ref()` since TF 2.1, before it `experimental_ref()`)."""
+    return variable.ref() if _HAS_REF else variable.experimental_ref()
+
+
+_HAS_REF = hasattr(tf.Variable, "ref")
+
+
+def loss_scale_optimizer_classes(keras):
+    """The LossScaleOptimizer classes this Keras has (TF 1.15 keeps it under `experimental`)."""
+    mixed_precision = getattr(keras, "mixed_precision", None)
+    found = []
+    for namespace in (mixed_precision, getattr(mixed_precision, "experimental", None)):
+        cls = getattr(namespace, "LossScaleOptimizer", None)
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
 
 
 def _keras_of(model):
@@ -110,10 +127,10 @@ def runtime_of(model):
     eager = executing_eagerly()
     description = "TensorFlow {} with Keras {} ({}), {} mode".format(
         tf.__version__, keras_version, keras.__name__, "eager" if eager else "graph")
-    if IS_TF1 or not eager:
-        kind = GRAPH
-    elif major >= 3:
+    if major >= 3:
         kind = KERAS3
+    elif IS_TF1 or not eager:
+        kind = GRAPH
     else:
         kind = KERAS2_EAGER
     return Runtime(kind, keras, description)

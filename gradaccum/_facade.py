@@ -1,16 +1,19 @@
 """`accumulate(model, n)`: validate, route, delegate. Nothing else lives here."""
 
 import importlib
-import numbers
 
 from . import _compat
-from ._window import APPLY, EPOCH_END_CHOICES
+from ._window import APPLY, check_epoch_end, check_n
 
 # Runtime kind -> (route module, or None while the route does not exist yet).
+# Keras 2 models train in eager mode through their train_step, and in graph
+# mode (TF 1.x, or eager disabled) through the graph route's in-graph
+# accumulation; one class serves both, so a model saved in one mode loads in
+# the other.
 _ROUTES = {
     _compat.KERAS2_EAGER: "gradaccum._keras2",
+    _compat.GRAPH: "gradaccum._keras2",
     _compat.KERAS3: None,
-    _compat.GRAPH: None,
 }
 
 
@@ -40,40 +43,23 @@ def accumulate(model, n, epoch_end=APPLY):
     Raises:
         TypeError: `model` is no Keras model, or `n` is no integer.
         ValueError: `n < 1`, or an unknown `epoch_end`.
-        NotImplementedError: the runtime (e.g. Keras 3, graph mode) has no
-            route yet.
+        NotImplementedError: the runtime (Keras 3) has no route yet.
 
     Example:
         >>> model = accumulate(model, 4)
         >>> model.compile(optimizer="adam", loss="mse")
         >>> model.fit(x, y, batch_size=8)  # trains like batch_size=32
     """
-    n = _check_n(n)
-    if epoch_end not in EPOCH_END_CHOICES:
-        raise ValueError(
-            "accumulate: epoch_end must be one of {}. Received: epoch_end={!r}".format(
-                EPOCH_END_CHOICES, epoch_end))
+    n = check_n(n, "accumulate")
+    check_epoch_end(epoch_end, "accumulate")
     runtime = _compat.runtime_of(model)
     route = _ROUTES[runtime.kind]
     if route is None:
         raise NotImplementedError(
             "accumulate: gradaccum does not support this runtime yet: {}. Supported "
-            "now: TensorFlow 2.x with Keras 2 (tf.keras up to TF 2.15, or tf-keras with "
-            "TF_USE_LEGACY_KERAS=1) in eager mode.".format(runtime.description))
+            "now: Keras 2 (tf.keras on TF 1.15 and TF 2.x up to 2.15, or tf-keras with "
+            "TF_USE_LEGACY_KERAS=1), in eager or graph mode.".format(runtime.description))
     return importlib.import_module(route).wrap(model, n, epoch_end)
-
-
-def _check_n(n):
-    # bool is an int subclass, but accumulate(model, True) is surely a mistake.
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-        raise TypeError(
-            "accumulate: n must be an integer >= 1 (micro-batches per update). "
-            "Received: n={!r} of type {}".format(n, type(n).__name__))
-    if n < 1:
-        raise ValueError(
-            "accumulate: n must be an integer >= 1 (micro-batches per update). "
-            "Received: n={!r}".format(n))
-    return int(n)
 
 
 def register_serializables():
@@ -83,4 +69,4 @@ def register_serializables():
     so `import gradaccum` registers the Keras 2 classes when Keras 2 is present.
     """
     if _compat.keras2_module() is not None:
-        importlib.import_module(_ROUTES[_compat.KERAS2_EAGER])
+        importlib.import_module("gradaccum._keras2")

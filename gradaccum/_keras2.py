@@ -1,7 +1,14 @@
-"""The TF 2.x + Keras 2 route: a Keras model whose `train_step` accumulates.
+"""The Keras 2 route: a Keras model that accumulates, in eager or graph mode.
 
-Keras 2 is `tf.keras` on TF 2.x before 2.16, or the tf-keras package after.
-This module is imported only on such a runtime (see `_compat.keras2_module`).
+Keras 2 is `tf.keras` on TF 1.x and on TF 2.x before 2.16, or the tf-keras
+package after. This module is imported only on such a runtime (see
+`_compat.keras2_module`).
+
+In eager mode (TF 2.x) the model's `train_step` accumulates. In graph mode
+(TF 1.x, or TF 2.x with eager disabled) Keras builds one training op from
+`optimizer.get_updates`, and the model has the graph route (`_graph`) build
+that op instead. One class serves both modes, so a model saved in one loads
+and trains in the other.
 
 Two classes share one training mixin:
 
@@ -17,9 +24,11 @@ other micro-steps the optimizer is not called at all, so its iterations,
 slots and learning-rate schedule move once per update.
 """
 
+import math
+
 import tensorflow as tf
 
-from . import _compat
+from . import _compat, _graph
 from ._window import APPLY, Window
 
 keras = _compat.keras2_module()
@@ -40,9 +49,7 @@ def wrap(model, n, epoch_end):
             "accumulate: the model already accumulates gradients (n={}); wrapping it "
             "again would multiply the windows. Call accumulate on the original model "
             "instead. Received: model={!r}".format(model.n, model.name))
-    overridden = [
-        hook for hook in _TRAINING_HOOKS
-        if getattr(type(model), hook, None) is not getattr(keras.Model, hook, None)]
+    overridden = [hook for hook in _TRAINING_HOOKS if _overrides(model, hook)]
     if overridden:
         raise ValueError(
             "accumulate: {} overrides {} of keras.Model, so it has training logic of "
@@ -61,6 +68,18 @@ def wrap(model, n, epoch_end):
     return accumulating
 
 
+def _overrides(model, hook):
+    """Whether a class outside Keras defines `hook` for `model`."""
+    for cls in type(model).__mro__:
+        if hook in vars(cls):
+            return cls.__module__.split(".", 1)[0] not in _KERAS_PACKAGES
+    return False
+
+
+# Where Keras 2's own classes live (TF 1.x and 2.0-2.5 ship Keras inside TF).
+_KERAS_PACKAGES = ("keras", "tf_keras", "tensorflow", "tensorflow_core")
+
+
 class _Accumulating(object):
     """The training behaviour both accumulating model classes share."""
 
@@ -70,6 +89,7 @@ class _Accumulating(object):
         # A plain object, so that Keras tracks none of its variables: they are
         # not weights, and must not appear in get_weights() or weight files.
         self._accum_window = Window(n)
+        self._accum_flush_op = None  # graph mode: applies a partial window
 
     @property
     def n(self):
@@ -102,6 +122,31 @@ class _Accumulating(object):
         tf.cond(window.due(), self._accum_apply, lambda: tf.constant(False))
         return self._with_update_count(self._accum_metrics(x, y, y_pred, sample_weight))
 
+    def _make_train_function(self):
+        # Graph mode only (TF 1.x, or eager disabled): Keras builds the
+        # training op once, from optimizer.get_updates(loss, params). For that
+        # one call, the graph route builds the accumulating op instead.
+        if self._accum_n == 1:
+            return super(_Accumulating, self)._make_train_function()
+        _refuse_loss_scaling(self.optimizer)
+        optimizer = self.optimizer
+
+        def get_updates(loss, params):
+            update, self._accum_flush_op = _graph.keras_updates(
+                optimizer, self._accum_window, loss, params, _batch_size(self.inputs))
+            return [update]
+
+        existing = set(id(var) for var in self._accum_window.all_variables())
+        optimizer.get_updates = get_updates
+        try:
+            super(_Accumulating, self)._make_train_function()
+        finally:
+            del optimizer.get_updates
+        # Keras' session initializes only the variables Keras made.
+        created = [var for var in self._accum_window.all_variables() if id(var) not in existing]
+        if created:
+            _run_in_keras_session(tf.compat.v1.variables_initializer(created))
+
     def _accum_apply(self):
         window = self._accum_window
         self.optimizer.apply_gradients(window.mean())
@@ -111,7 +156,11 @@ class _Accumulating(object):
     def _accum_flush(self):
         """Applies a partial window now (epoch end when its length is unknown)."""
         window = self._accum_window
-        if self._accum_epoch_end == APPLY and window.built and int(window.count.numpy()) > 0:
+        if self._accum_epoch_end != APPLY or not window.built:
+            return
+        if self._accum_flush_op is not None:  # graph mode
+            _run_in_keras_session(self._accum_flush_op)
+        elif tf.executing_eagerly() and int(window.count.numpy()) > 0:
             self._accum_apply()
 
     def _accum_loss(self, x, y, y_pred, sample_weight):
@@ -140,12 +189,13 @@ class _Accumulating(object):
         return super(_Accumulating, self).fit(*args, **kwargs)
 
     def _accum_callbacks(self, callbacks, verbose):
-        if isinstance(callbacks, keras.callbacks.CallbackList):
+        if isinstance(callbacks, getattr(keras.callbacks, "CallbackList", ())):
             raise TypeError(
                 "accumulate: fit(callbacks=...) must be a list of callbacks for an "
                 "accumulating model. Received: a CallbackList")
         callbacks = list(callbacks or [])
-        if verbose != 0 and not any(isinstance(cb, keras.callbacks.ProgbarLogger) for cb in callbacks):
+        # (Graph mode logs no per-batch `updates`, so it keeps Keras' own bar.)
+        if verbose != 0 and _compat.executing_eagerly() and not any(isinstance(cb, keras.callbacks.ProgbarLogger) for cb in callbacks):
             # `updates` is a running count, not a per-batch value to average.
             # (Only when something is printed: a progress bar costs a Python
             # call per batch.)
@@ -156,12 +206,18 @@ class _Accumulating(object):
         return callbacks
 
 
+def _register(cls):
+    # TF 1.x's Keras has no registry by package; the bare name is added below.
+    register = getattr(keras.utils, "register_keras_serializable", None)
+    return register(package="gradaccum")(cls) if register is not None else cls
+
+
 class _WindowCallback(keras.callbacks.Callback):
     """Tells the window where epochs end, and flushes when that was unknown."""
 
     def on_epoch_begin(self, epoch, logs=None):
-        steps = self.params.get("steps") if self.model.epoch_end == APPLY else None
-        self.model._accum_window.start_epoch(steps)
+        steps = _epoch_steps(self.params) if self.model.epoch_end == APPLY else None
+        keras.backend.batch_set_value(self.model._accum_window.epoch_start_values(steps))
 
     def on_test_begin(self, logs=None):
         # fit() validates after the epoch's last step: with a known epoch
@@ -172,13 +228,24 @@ class _WindowCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self.model._accum_flush()
         if logs is not None:
-            logs["updates"] = int(self.model.optimizer.iterations.numpy())
+            logs["updates"] = int(keras.backend.get_value(self.model.optimizer.iterations))
 
     def on_train_end(self, logs=None):
-        self.model._accum_window.end_epochs()
+        keras.backend.batch_set_value(self.model._accum_window.epochs_end_values())
 
 
-@keras.utils.register_keras_serializable(package="gradaccum")
+def _epoch_steps(params):
+    """Micro-batches per epoch from fit's callback params, or None if unknown."""
+    if params.get("steps"):
+        return params["steps"]
+    # Graph-mode fit on arrays reports samples and batch size instead.
+    samples, batch_size = params.get("samples"), params.get("batch_size")
+    if samples and batch_size:
+        return int(math.ceil(samples / float(batch_size)))
+    return None
+
+
+@_register
 class AccumModel(_Accumulating, keras.Model):
     """A functional Keras model that applies its optimizer once every `n` batches.
 
@@ -211,7 +278,7 @@ class AccumModel(_Accumulating, keras.Model):
         return cls(inputs=plain.input, outputs=plain.output, name=plain.name, **options)
 
 
-@keras.utils.register_keras_serializable(package="gradaccum")
+@_register
 class AccumWrapper(_Accumulating, keras.Model):
     """Wraps a subclassed Keras model; applies its optimizer once every `n` batches.
 
@@ -245,11 +312,20 @@ def _refuse_loss_scaling(optimizer):
     # Loss scaling must happen per micro-batch and its finiteness check once
     # per window; until that is built and proven against the big batch, say so
     # rather than train float16 gradients unscaled.
-    if isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
+    if isinstance(optimizer, _compat.loss_scale_optimizer_classes(keras)):
         raise NotImplementedError(
             "accumulate: mixed precision with a LossScaleOptimizer (the mixed_float16 "
             "policy wraps one around your optimizer) is not supported yet. Train in "
             "float32, or with n=1. Received: optimizer={}".format(type(optimizer).__name__))
+
+
+def _run_in_keras_session(op):
+    """Runs a graph-mode op in the session Keras trains in."""
+    # get_value runs a tensor in Keras' session on every Keras 2, whose
+    # get_session is not public everywhere (tf-keras).
+    with tf.control_dependencies([op]):
+        done = tf.constant(True)
+    keras.backend.get_value(done)
 
 
 def _batch_size(x):
@@ -260,6 +336,10 @@ def _compile_args(model):
     """The arguments `model` was compiled with, to compile its wrapper alike."""
     if not getattr(model, "_is_compiled", False):
         return None
+    if getattr(model, "compiled_loss", None) is None:  # graph mode: Keras' v1 training
+        return {"optimizer": model.optimizer, "loss": model.loss, "loss_weights": model.loss_weights,
+                "metrics": model._compile_metrics, "weighted_metrics": model._compile_weighted_metrics,
+                "sample_weight_mode": model.sample_weight_mode}
     try:
         args = {
             "optimizer": model.optimizer,

@@ -20,7 +20,11 @@ returns its op so that graph-mode callers can order them with control
 dependencies (in a `tf.function`, program order is kept automatically).
 """
 
+import numbers
+
 import tensorflow as tf
+
+from ._compat import variable_key
 
 _FLOAT_ACCUMULATORS = (tf.float32, tf.float64)
 
@@ -29,6 +33,27 @@ _FLOAT_ACCUMULATORS = (tf.float32, tf.float64)
 APPLY = "apply"
 CARRY = "carry"
 EPOCH_END_CHOICES = (APPLY, CARRY)
+
+
+def check_n(n, caller):
+    """`n` as an int, or a clear error naming `caller` and what it received."""
+    # bool is an int subclass, but accumulate(model, True) is surely a mistake.
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(
+            "{}: n must be an integer >= 1 (micro-batches per update). "
+            "Received: n={!r} of type {}".format(caller, n, type(n).__name__))
+    if n < 1:
+        raise ValueError(
+            "{}: n must be an integer >= 1 (micro-batches per update). "
+            "Received: n={!r}".format(caller, n))
+    return int(n)
+
+
+def check_epoch_end(epoch_end, caller):
+    if epoch_end not in EPOCH_END_CHOICES:
+        raise ValueError("{}: epoch_end must be one of {}. Received: epoch_end={!r}".format(
+            caller, EPOCH_END_CHOICES, epoch_end))
+    return epoch_end
 
 
 class Window(object):
@@ -42,7 +67,8 @@ class Window(object):
 
     def __init__(self, n):
         self.n = n
-        self._sums = {}  # variable.ref() -> accumulator variable
+        self._sums = {}  # variable_key(var) -> accumulator variable
+        self._rows = {}  # variable_key(var) -> rows touched by sparse gradients
         self.count = None  # micro-batches in the open window
         self.weight = None  # samples in the open window
         self.epoch_step = None  # micro-batches seen in this epoch
@@ -62,10 +88,9 @@ class Window(object):
                 self.epoch_step = _counter("gradaccum/epoch_step", tf.int64, 0)
                 self.epoch_steps = _counter("gradaccum/epoch_steps", tf.int64, -1)
             for var in variables:
-                if var.ref() not in self._sums:
-                    dtype = _accumulator_dtype(var)
-                    self._sums[var.ref()] = tf.Variable(
-                        tf.zeros(var.shape, dtype), trainable=False, name="gradaccum/sum")
+                if variable_key(var) not in self._sums:
+                    self._sums[variable_key(var)] = _variable(
+                        tf.zeros(var.shape, _accumulator_dtype(var)), _name(var, "sum"))
 
     def add(self, grads_and_vars, batch_size):
         """Adds one micro-batch: sum += batch_size * grad, count += 1."""
@@ -76,12 +101,16 @@ class Window(object):
         for grad, var in grads_and_vars:
             if grad is None:
                 continue
-            total = self._sums[var.ref()]
+            total = self._sums[variable_key(var)]
             scale = tf.cast(weight, total.dtype)
             if isinstance(grad, tf.IndexedSlices):
-                # Embedding-style gradients touch few rows; add only those.
+                # Embedding-style gradients touch few rows; add only those,
+                # and remember which rows they were (see `mean`).
+                rows = self._touched_rows(var)
                 updates.append(total.scatter_add(tf.IndexedSlices(
                     tf.cast(grad.values, total.dtype) * scale, grad.indices, grad.dense_shape)))
+                updates.append(rows.scatter_update(tf.IndexedSlices(
+                    tf.ones_like(grad.indices, tf.int32), grad.indices)))
             else:
                 updates.append(total.assign_add(tf.cast(grad, total.dtype) * scale))
         updates.append(self.weight.assign_add(weight))
@@ -101,30 +130,60 @@ class Window(object):
         return tf.logical_and(self.count > 0, tf.logical_or(full, epoch_over))
 
     def mean(self):
-        """(gradient, variable) pairs of the window's size-weighted mean gradient."""
+        """(gradient, variable) pairs of the window's size-weighted mean gradient.
+
+        A variable that got sparse gradients gets a sparse mean over the rows
+        the window touched: optimizers such as momentum and Adagrad update only
+        the rows a sparse gradient names, and so does the big batch.
+        """
         inverse = 1.0 / self.weight
-        return [
-            (tf.cast(self._sums[var.ref()] * tf.cast(inverse, self._sums[var.ref()].dtype), var.dtype), var)
-            for var in self.variables
-        ]
+        pairs = []
+        for var in self.variables:
+            total = self._sums[variable_key(var)]
+            scale = tf.cast(inverse, total.dtype)
+            rows = self._rows.get(variable_key(var))
+            if rows is None:
+                pairs.append((tf.cast(total * scale, var.dtype), var))
+            else:
+                indices = tf.reshape(tf.where(rows > 0), [-1])
+                values = tf.cast(tf.gather(total, indices) * scale, var.dtype)
+                pairs.append((tf.IndexedSlices(values, indices, tf.shape(total, out_type=tf.int64)), var))
+        return pairs
 
     def reset(self):
         """Empties the window (the epoch position is kept)."""
         updates = [total.assign(tf.zeros_like(total)) for total in self._sums.values()]
+        updates += [rows.assign(tf.zeros_like(rows)) for rows in self._rows.values()]
         updates.append(self.weight.assign(0.0))
         updates.append(self.count.assign(0))
         return tf.group(*updates)
 
-    def start_epoch(self, steps):
-        """Announces an epoch of `steps` micro-batches (None: unknown or not wanted)."""
-        self.build()
-        self.epoch_step.assign(0)
-        self.epoch_steps.assign(-1 if steps is None else int(steps))
+    def all_variables(self):
+        """Every variable the window created (counters, sums, row markers)."""
+        if not self.built:
+            return []
+        return ([self.count, self.weight, self.epoch_step, self.epoch_steps]
+                + list(self._sums.values()) + list(self._rows.values()))
 
-    def end_epochs(self):
-        """Forgets the epoch length, e.g. before `train_on_batch` calls."""
-        if self.built:
-            self.epoch_steps.assign(-1)
+    def epoch_start_values(self, steps):
+        """(variable, value) pairs that announce an epoch of `steps` micro-batches.
+
+        `steps` None means unknown, or not wanted (the "carry" policy). The
+        caller assigns them the way its mode allows (eagerly, or in a session).
+        """
+        self.build()
+        return [(self.epoch_step, 0), (self.epoch_steps, -1 if steps is None else int(steps))]
+
+    def epochs_end_values(self):
+        """(variable, value) pairs that forget the epoch length, e.g. before `train_on_batch`."""
+        return [(self.epoch_steps, -1)] if self.built else []
+
+    def _touched_rows(self, var):
+        key = variable_key(var)
+        if key not in self._rows:
+            with tf.init_scope():
+                self._rows[key] = _variable(tf.zeros(var.shape[:1], tf.int32), _name(var, "rows"))
+        return self._rows[key]
 
 
 def _accumulator_dtype(var):
@@ -134,7 +193,18 @@ def _accumulator_dtype(var):
     return dtype if dtype in _FLOAT_ACCUMULATORS else tf.float32
 
 
+def _name(var, what):
+    # Readable, and stable for a Saver when a script rebuilds the same graph.
+    return "gradaccum/{}/{}".format(var.name.split(":")[0], what)
+
+
+def _variable(initial_value, name, dtype=None, aggregation=tf.VariableAggregation.NONE):
+    # Resource variables on TF 1.x too: their reads are ordered by control
+    # dependencies, which the graph route relies on.
+    return tf.compat.v1.Variable(
+        initial_value, dtype=dtype, trainable=False, name=name, use_resource=True,
+        aggregation=aggregation)
+
+
 def _counter(name, dtype, initial_value):
-    return tf.Variable(
-        initial_value, dtype=dtype, trainable=False, name=name,
-        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    return _variable(initial_value, name, dtype, tf.VariableAggregation.ONLY_FIRST_REPLICA)

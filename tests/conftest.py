@@ -11,6 +11,18 @@ import tensorflow as tf
 from gradaccum import _compat
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--graph-mode", action="store_true",
+        help="disable eager execution before any test is collected, to run the graph-mode "
+             "tests on TF 2.x (TF 1.x is in graph mode anyway)")
+
+
+def pytest_configure(config):
+    if config.getoption("--graph-mode") and not _compat.IS_TF1:
+        tf.compat.v1.disable_eager_execution()
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     # Every test starts from the same random initial weights, so a figure
@@ -26,7 +38,7 @@ def _seeded():
 
 def _keras_description():
     if _compat.IS_TF1:
-        return "tf.keras {} (graph)".format(tf.keras.__version__)
+        return "tf.keras {}".format(tf.keras.__version__)
     keras2 = _compat.keras2_module()
     if keras2 is not None:
         package = sys.modules.get(keras2.__name__.split(".", 1)[0])
@@ -40,11 +52,14 @@ def pytest_terminal_summary(terminalreporter):
     path = os.environ.get("GRADACCUM_REPORT")
     if not path:
         return
+    if terminalreporter.config.getoption("--graph-mode") and not _compat.IS_TF1:
+        path = path[:-len(".json")] + "-graph.json"  # the second pass of a TF 2.x env
     stats = terminalreporter.stats
     report = {
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": _keras_description(),
+        "mode": "eager" if _compat.executing_eagerly() else "graph",
         "passed": len(stats.get("passed", [])),
         "failed": len(stats.get("failed", [])) + len(stats.get("error", [])),
         "skipped": len(stats.get("skipped", [])),

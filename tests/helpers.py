@@ -1,12 +1,13 @@
-"""Oracles for the differential tests: accumulated training versus the big batch."""
+"""Keras 2 models and data for the differential tests (oracles: see oracles.py)."""
 
 import inspect
-import os
 
 import numpy as np
 import pytest
 
 from gradaccum import _compat
+from oracles import (  # noqa: F401 - the Keras tests' one import for both
+    DISCRIMINATION, REL_TOL, assert_discriminates, assert_same_training, change_error, record)
 
 keras = _compat.keras2_module()
 if keras is None:
@@ -15,14 +16,17 @@ if keras is None:
     pytest.skip("no Keras 2 in this runtime (TensorFlow {})".format(_compat.TF_VERSION),
                 allow_module_level=True)
 
-# float32 tolerance on the total weight change: max |w_accum - w_big| must be
-# below REL_TOL * max |w_big - w_initial|. Summing b-weighted micro-batch means
-# instead of one big mean reorders float32 additions; nothing more.
-REL_TOL = 1e-5
-# Plain training at the small batch must differ from the big batch by far more
-# than REL_TOL, or equality would prove nothing.
-DISCRIMINATION = 1e-3
 
+def require_mode(eager):
+    """Skips the calling test module unless this pytest run is in that mode.
+
+    TF 2.x environments run the suite twice: eager, then with --graph-mode
+    (eager disabled, as TF1-style scripts do); TF 1.x runs it in graph mode.
+    """
+    here = "eager" if _compat.executing_eagerly() else "graph"
+    if here != ("eager" if eager else "graph"):
+        pytest.skip("{} tests; this run is in {} mode".format("eager" if eager else "graph-mode", here),
+                    allow_module_level=True)
 
 def data(n_samples=96, n_features=5, n_outputs=3, seed=0):
     rng = np.random.RandomState(seed)
@@ -100,37 +104,7 @@ def weights_of(model):
     return [np.array(w) for w in model.get_weights()]
 
 
-def change_error(initial, candidate, reference):
-    """max |candidate - reference| relative to max |reference - initial|."""
-    diff = max(np.max(np.abs(c - r)) for c, r in zip(candidate, reference))
-    change = max(np.max(np.abs(r - i)) for r, i in zip(reference, initial))
-    assert change > 0, "reference training did not move the weights"
-    return diff / change
-
-
-def assert_same_training(initial, candidate, reference, rel_tol=REL_TOL):
-    error = change_error(initial, candidate, reference)
-    assert error <= rel_tol, "weights differ from the big batch by {:.3g} of the change (allowed {:.1g})".format(error, rel_tol)
-    return error
-
-
-def assert_discriminates(initial, small, reference):
-    error = change_error(initial, small, reference)
-    assert error > DISCRIMINATION, (
-        "plain small-batch training matches the big batch ({:.3g}): the test would pass "
-        "without accumulation".format(error))
-    return error
-
-
 def fresh(model_factory, initial_weights, **kwargs):
     model = model_factory(**kwargs)
     model.set_weights(initial_weights)
     return model
-
-
-def record(name, value):
-    """Appends a measured figure to $GRADACCUM_FIGURES, for closing notes."""
-    path = os.environ.get("GRADACCUM_FIGURES")
-    if path:
-        with open(path, "a") as handle:
-            handle.write("{}\t{:.3g}\n".format(name, value))

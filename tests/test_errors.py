@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import tensorflow as tf
 
-from gradaccum import _compat, accumulate
+from gradaccum import accumulate
 
 
 def any_model():
@@ -62,25 +62,6 @@ def test_missing_tensorflow_says_how_to_install_it():
     """)
     assert "ImportError: gradaccum needs TensorFlow" in result.stdout, result.stdout
     assert "pip install tensorflow" in result.stdout
-
-
-def test_graph_mode_is_reported_as_not_supported_yet():
-    if not _compat.IS_TF1 and _compat.keras2_module() is None:
-        pytest.skip("Keras 3 builds no models in graph mode")
-    result = run_python("""
-        import tensorflow as tf
-        tf.compat.v1.disable_eager_execution()
-        from gradaccum import _compat, accumulate
-        keras = tf.keras if _compat.IS_TF1 else _compat.keras2_module()
-        inputs = keras.Input((3,))
-        model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
-        try:
-            accumulate(model, 4)
-        except NotImplementedError as err:
-            print("NotImplementedError:", err)
-    """)
-    assert "NotImplementedError: accumulate: gradaccum does not support this runtime yet" in result.stdout, result.stdout
-    assert "graph mode" in result.stdout
 
 
 def test_keras3_is_reported_as_not_supported_yet():

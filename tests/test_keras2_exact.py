@@ -8,6 +8,8 @@ import helpers
 from helpers import keras
 from gradaccum import accumulate
 
+helpers.require_mode(eager=True)
+
 N, B = 4, 8
 
 OPTIMIZERS = {

@@ -7,6 +7,8 @@ import helpers
 from helpers import keras
 from gradaccum import accumulate
 
+helpers.require_mode(eager=True)
+
 
 def optimizer_state(optimizer):
     variables = optimizer.variables() if callable(optimizer.variables) else optimizer.variables

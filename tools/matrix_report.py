@@ -1,7 +1,8 @@
 """Prints the test matrix as one table: environment -> versions and passed/failed/skipped.
 
-Reads the JSON reports that tests/conftest.py writes into .tox/reports (one
-per tox environment). An environment in tox.ini's env_list without a report
+Reads the JSON reports that tests/conftest.py writes into .tox/reports: one
+per tox environment and pytest pass (TF 2.x environments add a graph-mode
+pass, `<env>-graph.json`). An environment in tox.ini's env_list without a report
 never got to run its tests and counts as failed (unless --only-ran). With --readme, rewrites the
 "Supported versions" table in README.md from the environments that ran.
 
@@ -19,8 +20,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- versions:begin -->", "<!-- versions:end -->"
-COLUMNS = [("tox env", "env"), ("Python", "python"), ("TensorFlow", "tensorflow"), ("Keras", "keras"),
-           ("passed", "passed"), ("failed", "failed"), ("skipped", "skipped")]
+COLUMNS = [("tox env", "env"), ("mode", "mode"), ("Python", "python"), ("TensorFlow", "tensorflow"),
+           ("Keras", "keras"), ("passed", "passed"), ("failed", "failed"), ("skipped", "skipped")]
 
 
 def expand(spec):
@@ -45,15 +46,19 @@ def load(reports_dir, environments):
             with open(path) as handle:
                 rows.append(dict(json.load(handle), env=env))
         else:
-            rows.append({"env": env, "python": "-", "tensorflow": "-", "keras": "no report: tests did not run",
-                         "passed": 0, "failed": 1, "skipped": 0})
+            rows.append({"env": env, "mode": "-", "python": "-", "tensorflow": "-",
+                         "keras": "no report: tests did not run", "passed": 0, "failed": 1, "skipped": 0})
+        graph_pass = os.path.join(reports_dir, env + "-graph.json")
+        if os.path.exists(graph_pass):
+            with open(graph_pass) as handle:
+                rows.append(dict(json.load(handle), env=env))
     return rows
 
 
 def table(rows):
     lines = ["| " + " | ".join(title for title, _ in COLUMNS) + " |",
              "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(str(row[key]) for _, key in COLUMNS) + " |" for row in rows]
+    lines += ["| " + " | ".join(str(row.get(key, "-")) for _, key in COLUMNS) + " |" for row in rows]
     return "\n".join(lines)
 
 
