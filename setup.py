@@ -33,7 +33,10 @@ setup(
     long_description=read_readme(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    packages=["gradaccum"],
+    # GradientAccumulator: the import path of the library gradaccum grew from,
+    # kept as deprecated aliases (see legacy/).
+    packages=["gradaccum", "GradientAccumulator"],
+    package_dir={"GradientAccumulator": "legacy/GradientAccumulator"},
     python_requires=">=3.7",
     install_requires=["packaging"],
     extras_require={

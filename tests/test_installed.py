@@ -2,13 +2,17 @@
 
 import os
 
-import gradaccum
+import pytest
 
-SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gradaccum")
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Where each package's source lives in the checkout; setup.py maps
+# legacy/GradientAccumulator to a top-level package of the same wheel.
+SOURCES = {"gradaccum": os.path.join(CHECKOUT, "gradaccum"), "GradientAccumulator": os.path.join(CHECKOUT, "legacy")}
 
 
-def test_gradaccum_is_imported_from_the_installed_wheel():
-    location = os.path.abspath(gradaccum.__file__)
-    assert not location.startswith(SOURCE + os.sep), (
-        "gradaccum was imported from the checkout ({}), not from the installed wheel".format(location))
+@pytest.mark.parametrize("package", sorted(SOURCES))
+def test_package_is_imported_from_the_installed_wheel(package):
+    location = os.path.abspath(__import__(package).__file__)
+    assert not location.startswith(SOURCES[package] + os.sep), (
+        "{} was imported from the checkout ({}), not from the installed wheel".format(package, location))
     assert "site-packages" in location

@@ -1,0 +1,93 @@
+"""The constructors of the library gradaccum grew from, as deprecated aliases.
+
+Code written for GradientAccumulator builds its model with
+
+    from GradientAccumulator.GAModelWrapper import GAModelWrapper
+    model = GAModelWrapper(n_gradients=4, inputs=model.input, outputs=model.output)
+
+and that keeps working: the `GradientAccumulator` package installed with
+gradaccum re-exports `GAModelWrapper` from here. Later releases of that
+library (PyPI: gradient-accumulator) named it `GradientAccumulateModel(
+accum_steps=...)`; that spelling is here too, but not under a top-level
+`gradient_accumulator` package, which belongs to that distribution.
+
+Both build the same model as `gradaccum.accumulate`, which also means the same
+behaviour: the update is the mean of the micro-batch gradients (not their
+sum), exact against the big batch, and a partial window at an epoch's end is
+applied. Each warns once per process with a `DeprecationWarning` that gives the
+new spelling.
+"""
+
+import warnings
+
+from . import _compat
+from ._window import APPLY, check_n
+
+_warned = set()
+
+
+def GAModelWrapper(n_gradients=1, mixed_precision=False, use_agc=False, clip_factor=0.01, eps=1e-3,
+                   **kwargs):
+    """Deprecated: `gradaccum.accumulate(keras.Model(inputs, outputs), n_gradients)`.
+
+    Args:
+        n_gradients: Micro-batches per update.
+        mixed_precision: Only False is supported (mixed precision is refused,
+            as by `accumulate`).
+        use_agc: Only False is supported: adaptive gradient clipping is not
+            part of gradaccum. `clip_factor` and `eps` configured it, and are
+            ignored as they were without it.
+        **kwargs: `inputs`, `outputs` and optionally `name`, as for a
+            functional `keras.Model`.
+
+    Example:
+        >>> model = GAModelWrapper(n_gradients=4, inputs=model.input, outputs=model.output)
+    """
+    return _build("GAModelWrapper", "n_gradients", n_gradients, mixed_precision, use_agc, kwargs)
+
+
+def GradientAccumulateModel(accum_steps=1, mixed_precision=False, use_agc=False, clip_factor=0.01,
+                            eps=1e-3, **kwargs):
+    """Deprecated: `gradaccum.accumulate(keras.Model(inputs, outputs), accum_steps)`.
+
+    The arguments are those of `GAModelWrapper`, with `accum_steps` for
+    `n_gradients`.
+    """
+    return _build("GradientAccumulateModel", "accum_steps", accum_steps, mixed_precision, use_agc, kwargs)
+
+
+def _build(old_name, n_name, n, mixed_precision, use_agc, kwargs):
+    _warn_once(old_name, n_name)
+    caller = "{}({}=...)".format(old_name, n_name)
+    n = check_n(n, caller)
+    if mixed_precision:
+        raise NotImplementedError(
+            "{}: mixed_precision=True is not supported (gradaccum refuses loss-scaled "
+            "mixed precision for now). Received: mixed_precision={!r}".format(caller, mixed_precision))
+    if use_agc:
+        raise NotImplementedError(
+            "{}: adaptive gradient clipping (use_agc=True) is not part of gradaccum. "
+            "Received: use_agc={!r}".format(caller, use_agc))
+    missing = [key for key in ("inputs", "outputs") if key not in kwargs]
+    unknown = sorted(set(kwargs) - {"inputs", "outputs", "name"})
+    if missing or unknown:
+        raise TypeError(
+            "{}: builds a functional model, and takes inputs=, outputs= and optionally "
+            "name=. Received: keyword arguments {}".format(caller, sorted(kwargs)))
+    if _compat.keras2_module() is None:
+        raise NotImplementedError(
+            "{}: needs Keras 2 (tf.keras up to TF 2.15, or tf-keras with "
+            "TF_USE_LEGACY_KERAS=1); this runtime has Keras 3 only.".format(caller))
+    from ._keras2 import AccumModel
+    return AccumModel(n=n, epoch_end=APPLY, **kwargs)
+
+
+def _warn_once(old_name, n_name):
+    if old_name in _warned:
+        return
+    _warned.add(old_name)
+    warnings.warn(
+        "{old}({n}=n, inputs=..., outputs=...) is deprecated; write "
+        "`model = gradaccum.accumulate(keras.Model(inputs, outputs), n)` instead. "
+        "It trains the same (exact) way.".format(old=old_name, n=n_name),
+        DeprecationWarning, stacklevel=4)  # the caller of GAModelWrapper(...)
