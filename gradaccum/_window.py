@@ -133,7 +133,7 @@ class Window(object):
         """(gradient, variable) pairs of the window's size-weighted mean gradient.
 
         A variable that got sparse gradients gets a sparse mean over the rows
-        the window touched: optimizers such as momentum and Adagrad update only
+        the window touched: optimizers such as momentum and RMSProp update only
         the rows a sparse gradient names, and so does the big batch.
         """
         inverse = 1.0 / self.weight
