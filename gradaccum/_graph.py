@@ -191,6 +191,11 @@ def keras_updates(optimizer, window, loss, params, batch_size):
         that applies a partial window (for epochs of unknown length).
     """
     inner = getattr(optimizer, "optimizer", None)
+    if isinstance(inner, AccumOptimizer):
+        raise ValueError(
+            "accumulate: the model's optimizer is an AccumOptimizer (n={}), and the model "
+            "accumulates already (n={}): the windows would multiply. Compile with the "
+            "optimizer it wraps. Received: optimizer={!r}".format(inner.n, window.n, inner))
     if isinstance(inner, _V1Optimizer):  # Keras' TFOptimizer around a tf.compat.v1 optimizer
         grads_and_vars = inner.compute_gradients(loss, params)
 

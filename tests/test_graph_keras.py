@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import gradaccum
 import helpers
 from helpers import keras
 from gradaccum import accumulate
@@ -156,6 +157,14 @@ def test_gradient_clipping_is_refused():
     model = accumulate(helpers.functional_mlp(), 2)
     model.compile(optimizer=legacy.SGD(0.1, clipnorm=1.0), loss="mse")
     with pytest.raises(NotImplementedError, match=r"clipping is not supported in graph mode.*clipnorm"):
+        model.fit(x, y, batch_size=8, verbose=0)
+
+
+def test_an_accum_optimizer_inside_an_accumulating_model_is_refused():
+    x, y = helpers.data(16)
+    model = accumulate(helpers.functional_mlp(), 2)
+    model.compile(optimizer=gradaccum.AccumOptimizer(v1.train.GradientDescentOptimizer(0.1), 2), loss="mse")
+    with pytest.raises(ValueError, match=r"optimizer is an AccumOptimizer \(n=2\).*accumulates already \(n=2\)"):
         model.fit(x, y, batch_size=8, verbose=0)
 
 
