@@ -42,20 +42,12 @@ def accumulate_in_graph(window, grads_and_vars, batch_size, apply_fn):
     window.build([var for grad, var in grads_and_vars if grad is not None])
     with tf.control_dependencies([window.add(grads_and_vars, batch_size)]):
         due = window.due()
-    return tf.cond(due, lambda: _apply_and_reset(window, apply_fn), lambda: tf.constant(False))
+    return tf.cond(due, lambda: window.apply(apply_fn), lambda: tf.constant(False))
 
 
 def pending_apply(window, apply_fn):
     """The op that applies a non-empty window now (a partial one at an epoch's end)."""
-    return tf.cond(window.count > 0, lambda: _apply_and_reset(window, apply_fn), lambda: tf.constant(False))
-
-
-def _apply_and_reset(window, apply_fn):
-    applied = apply_fn(window.mean())
-    with tf.control_dependencies([applied]):
-        # Emptied only after the update has read the sums.
-        with tf.control_dependencies([window.reset()]):
-            return tf.constant(True)
+    return tf.cond(window.count > 0, lambda: window.apply(apply_fn), lambda: tf.constant(False))
 
 
 class AccumOptimizer(_V1Optimizer):

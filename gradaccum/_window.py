@@ -150,6 +150,20 @@ class Window(object):
                 pairs.append((tf.IndexedSlices(values, indices, tf.shape(total, out_type=tf.int64)), var))
         return pairs
 
+    def apply(self, apply_fn):
+        """Applies the window's mean with `apply_fn`, then empties the window.
+
+        `apply_fn` takes (gradient, variable) pairs: the inner optimizer's
+        update. The sums are emptied only after the update has read them
+        (ordered explicitly for graph mode; eager code and `tf.function` keep
+        program order). Returns True, for `tf.cond`.
+        """
+        applied = apply_fn(self.mean())
+        after = [applied] if isinstance(applied, (tf.Operation, tf.Tensor)) else []
+        with tf.control_dependencies(after):
+            with tf.control_dependencies([self.reset()]):
+                return tf.constant(True)
+
     def reset(self):
         """Empties the window (the epoch position is kept)."""
         updates = [total.assign(tf.zeros_like(total)) for total in self._sums.values()]
@@ -189,13 +203,14 @@ class Window(object):
 def _accumulator_dtype(var):
     # Half-precision weights get float32 sums: small micro-batch gradients
     # would otherwise round away when added to a large running sum.
-    dtype = var.dtype.base_dtype
+    dtype = tf.as_dtype(var.dtype).base_dtype  # a Keras 3 variable's dtype is a string
     return dtype if dtype in _FLOAT_ACCUMULATORS else tf.float32
 
 
 def _name(var, what):
     # Readable, and stable for a Saver when a script rebuilds the same graph.
-    return "gradaccum/{}/{}".format(var.name.split(":")[0], what)
+    # (A Keras 3 variable's `name` is its own, e.g. "kernel"; `path` includes its layer.)
+    return "gradaccum/{}/{}".format(getattr(var, "path", var.name).split(":")[0], what)
 
 
 def _variable(initial_value, name, dtype=None, aggregation=tf.VariableAggregation.NONE):

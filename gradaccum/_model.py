@@ -1,0 +1,286 @@
+"""The accumulating Keras model, as far as it is the same on Keras 2 and Keras 3.
+
+The Keras routes (`_keras2`, `_keras3`) are siblings: each brings its Keras
+module and its training step, and declares its model and callback classes
+from the mixins here, which hold what does not depend on the Keras version:
+
+- `wrap`: which class wraps which model, and refusing what would be trained
+  wrongly (a model that accumulates already, or has its own training step);
+- `Accumulating`: `n`, `epoch_end`, fit's window callback, the update count
+  in the logs, applying a partial window at an epoch's end;
+- `FunctionalMixin` and `WrapperMixin`: construction, saving and loading;
+- `WindowCallback`: tells the window where each epoch ends.
+
+Two model classes per route, because Keras models come in two kinds:
+
+- `AccumModel` is a functional model rebuilt from the given model's input
+  and output tensors. It shares every layer, so the caller's model is the one
+  trained, output names (and so dict losses) stay as they were, and it saves
+  to every format a functional model saves to.
+- `AccumWrapper` holds a subclassed (or unbuilt Sequential) model and calls it.
+"""
+
+import math
+
+import tensorflow as tf
+
+from ._compat import loss_scale_optimizer_classes
+from ._window import APPLY, Window
+
+# The hooks that Keras' default training step calls on the model. A model
+# that overrides one of them has its own training logic, which gradaccum's
+# step would silently bypass.
+_TRAINING_HOOKS = ("train_step", "compute_loss", "compute_metrics", "make_train_function")
+# Where Keras' own classes live (TF 1.x and 2.0-2.5 ship Keras inside TF).
+_KERAS_PACKAGES = ("keras", "tf_keras", "tensorflow", "tensorflow_core")
+# Positional indices in Model.fit(x, y, batch_size, epochs, verbose, callbacks, ...),
+# the same on Keras 2 and 3.
+_FIT_VERBOSE_INDEX = 4
+_FIT_CALLBACKS_INDEX = 5
+
+
+def wrap(model, n, epoch_end, functional_class, wrapper_class, compile_args):
+    """The accumulating model for `model` (see `gradaccum.accumulate`).
+
+    `compile_args(model)` returns the arguments `model` was compiled with, or
+    None if it was not compiled; the route knows where its Keras keeps them.
+    """
+    if isinstance(model, Accumulating):
+        raise ValueError(
+            "accumulate: the model already accumulates gradients (n={}); wrapping it "
+            "again would multiply the windows. Call accumulate on the original model "
+            "instead. Received: model={!r}".format(model.n, model.name))
+    overridden = [hook for hook in _TRAINING_HOOKS if _overrides(model, hook)]
+    if overridden:
+        raise ValueError(
+            "accumulate: {} overrides {} of keras.Model, so it has training logic of "
+            "its own that gradaccum's accumulating train_step would bypass. Remove the "
+            "override (move custom loss terms into `add_loss`) or accumulate inside "
+            "your own train_step. Received: model of type {}".format(
+                model.name, ", ".join(overridden), type(model).__name__))
+    if _is_functional(model):
+        inputs, outputs = _ends(model)
+        accumulating = functional_class(
+            inputs=inputs, outputs=outputs, name=model.name, n=n, epoch_end=epoch_end)
+    else:
+        accumulating = wrapper_class(model, n=n, epoch_end=epoch_end)
+    arguments = compile_args(model)
+    if arguments is not None:
+        accumulating.compile(**arguments)
+    return accumulating
+
+
+def _is_functional(model):
+    """Whether `model` is a graph of layers: functional, or a Sequential with an Input."""
+    flag = getattr(model, "_is_graph_network", None)  # Keras 2 says so
+    if flag is not None:
+        return bool(flag)
+    try:  # Keras 3: only those know their symbolic inputs and outputs
+        return bool(model.inputs) and bool(model.outputs)
+    except (AttributeError, ValueError):
+        return False
+
+
+def _ends(model):
+    """A functional model's input and output tensors, as its own `input`/`output` give them."""
+    try:
+        return model.input, model.output
+    except AttributeError:  # a Keras 3 Sequential has only the lists
+        def single(tensors):
+            return tensors[0] if len(tensors) == 1 else tensors
+        return single(model.inputs), single(model.outputs)
+
+
+def _overrides(model, hook):
+    """Whether a class outside Keras defines `hook` for `model`."""
+    for cls in type(model).__mro__:
+        if hook in vars(cls):
+            return cls.__module__.split(".", 1)[0] not in _KERAS_PACKAGES
+    return False
+
+
+def refuse_loss_scaling(optimizer, keras):
+    # Loss scaling must happen per micro-batch and its finiteness check once
+    # per window; until that is built and proven against the big batch, say so
+    # rather than train float16 gradients unscaled.
+    if isinstance(optimizer, loss_scale_optimizer_classes(keras)):
+        raise NotImplementedError(
+            "accumulate: mixed precision with a LossScaleOptimizer (the mixed_float16 "
+            "policy wraps one around your optimizer) is not supported yet. Train in "
+            "float32, or with n=1. Received: optimizer={}".format(type(optimizer).__name__))
+
+
+def register_bare_names(keras, classes):
+    """Makes the classes loadable by their bare names too.
+
+    The .h5 writers (Keras 2 up to 2.12 at least, and Keras 3's legacy one)
+    record the bare class name, not the registered "gradaccum>..." one. A
+    user's own object of that name is not overridden.
+    """
+    for cls in classes:
+        keras.utils.get_custom_objects().setdefault(cls.__name__, cls)
+
+
+class Accumulating(object):
+    """What every accumulating model does besides its training step.
+
+    A route's training mixin sets `_keras` (its Keras module) and
+    `_window_callback` (its `WindowCallback` class), and may replace
+    `_accum_set`, `_accum_read` and `_accum_flush_now` where its Keras trains
+    in a graph.
+    """
+
+    _keras = None
+    _window_callback = None
+
+    def _init_accumulation(self, n, epoch_end):
+        self._accum_n = n
+        self._accum_epoch_end = epoch_end
+        # A plain object, so that Keras tracks none of its variables: they are
+        # not weights, and must not appear in get_weights() or weight files.
+        self._accum_window = Window(n)
+
+    @property
+    def n(self):
+        """Micro-batches per real optimizer update."""
+        return self._accum_n
+
+    @property
+    def epoch_end(self):
+        """What happens to a partial window when an epoch ends: "apply" or "carry"."""
+        return self._accum_epoch_end
+
+    def _accumulation_config(self):
+        return {"n": self._accum_n, "epoch_end": self._accum_epoch_end}
+
+    def _with_update_count(self, logs):
+        logs = dict(logs)
+        logs["updates"] = tf.identity(self.optimizer.iterations)
+        return logs
+
+    def fit(self, *args, **kwargs):
+        args = list(args)
+        verbose = args[_FIT_VERBOSE_INDEX] if len(args) > _FIT_VERBOSE_INDEX else kwargs.get("verbose", "auto")
+        if len(args) > _FIT_CALLBACKS_INDEX:
+            args[_FIT_CALLBACKS_INDEX] = self._accum_callbacks(args[_FIT_CALLBACKS_INDEX], verbose)
+        else:
+            kwargs["callbacks"] = self._accum_callbacks(kwargs.get("callbacks"), verbose)
+        return super(Accumulating, self).fit(*args, **kwargs)
+
+    def _accum_callbacks(self, callbacks, verbose):
+        if isinstance(callbacks, getattr(self._keras.callbacks, "CallbackList", ())):
+            raise TypeError(
+                "accumulate: fit(callbacks=...) must be a list of callbacks for an "
+                "accumulating model. Received: a CallbackList")
+        callbacks = self._accum_progress_bar(list(callbacks or []), verbose)
+        if self._accum_n > 1:
+            callbacks.append(self._window_callback())
+        return callbacks
+
+    def _accum_progress_bar(self, callbacks, verbose):
+        """The callbacks, with a progress bar that shows `updates` as a count (route hook)."""
+        return callbacks
+
+    def _accum_flush(self):
+        """Applies a partial window now (epoch end when its length is unknown)."""
+        if self._accum_epoch_end == APPLY and self._accum_window.built:
+            self._accum_flush_now()
+
+    def _accum_flush_now(self):
+        window = self._accum_window
+        if int(window.count.numpy()) > 0:
+            window.apply(self.optimizer.apply_gradients)
+
+    def _accum_set(self, pairs):
+        """Assigns (variable, value) pairs outside the training function."""
+        for variable, value in pairs:
+            variable.assign(value)
+
+    def _accum_read(self, variable):
+        return int(variable.numpy())
+
+
+class WindowCallback(object):
+    """Tells the window where epochs end, and flushes when that was unknown.
+
+    A route declares `class _WindowCallback(WindowCallback, keras.callbacks.Callback)`.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        model = self.model
+        steps = epoch_steps(self.params) if model.epoch_end == APPLY else None
+        model._accum_set(model._accum_window.epoch_start_values(steps))
+
+    def on_test_begin(self, logs=None):
+        # fit() validates after the epoch's last step: with a known epoch
+        # length the window was applied in that step; otherwise apply it here,
+        # so that validation sees the weights big-batch training would have.
+        self.model._accum_flush()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.model._accum_flush()
+        if logs is not None:
+            logs["updates"] = self.model._accum_read(self.model.optimizer.iterations)
+
+    def on_train_end(self, logs=None):
+        self.model._accum_set(self.model._accum_window.epochs_end_values())
+
+
+def epoch_steps(params):
+    """Micro-batches per epoch from fit's callback params, or None if unknown."""
+    if params.get("steps"):
+        return params["steps"]
+    # Graph-mode fit on arrays reports samples and batch size instead.
+    samples, batch_size = params.get("samples"), params.get("batch_size")
+    if samples and batch_size:
+        return int(math.ceil(samples / float(batch_size)))
+    return None
+
+
+class FunctionalMixin(object):
+    """Construction, saving and loading of `AccumModel` (a functional model)."""
+
+    def __init__(self, *args, n, epoch_end=APPLY, **kwargs):
+        super(FunctionalMixin, self).__init__(*args, **kwargs)  # keras.Model's, functional
+        self._init_accumulation(n, epoch_end)
+
+    def get_config(self):
+        # A plain functional view of the same graph gives the functional
+        # config on every Keras: tf-keras >= 2.13 and Keras 3 write one only
+        # for classes whose constructor is exactly Functional's.
+        plain = self._keras.Model(inputs=self.input, outputs=self.output, name=self.name)
+        config = plain.get_config()
+        config.update(self._accumulation_config())
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        options = {key: config.pop(key) for key in ("n", "epoch_end") if key in config}
+        plain = cls._keras.Model.from_config(config, custom_objects)
+        return cls(inputs=plain.input, outputs=plain.output, name=plain.name, **options)
+
+
+class WrapperMixin(object):
+    """Construction, calling, saving and loading of `AccumWrapper` (around a subclassed model)."""
+
+    def __init__(self, model, n, epoch_end=APPLY, **kwargs):
+        kwargs.setdefault("name", model.name)
+        super(WrapperMixin, self).__init__(**kwargs)  # keras.Model's, subclassed
+        self.wrapped = model
+        self._init_accumulation(n, epoch_end)
+
+    def call(self, inputs, training=None):
+        return self.wrapped(inputs, training=training)
+
+    def get_config(self):
+        config = {"model": self._keras.utils.serialize_keras_object(self.wrapped), "name": self.name}
+        config.update(self._accumulation_config())
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        model = cls._keras.utils.deserialize_keras_object(
+            config.pop("model"), custom_objects=custom_objects)
+        return cls(model, **config)
