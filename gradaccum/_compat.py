@@ -37,7 +37,7 @@ IS_TF1 = TF_RELEASE[0] < 2
 # "not supported yet" until its route exists.
 KERAS2_EAGER = "keras2-eager"  # TF 2.x, Keras 2, eager: train_step accumulates
 GRAPH = "graph"  # TF 1.x, or TF 2.x with eager disabled: accumulation in the graph
-KERAS3 = "keras3"
+KERAS3 = "keras3"  # TF 2.16+, Keras 3 (TensorFlow backend): train_step accumulates
 
 Runtime = collections.namedtuple("Runtime", ["kind", "keras", "description"])
 
@@ -76,8 +76,32 @@ def keras2_module():
     return sys.modules.get("tf_keras")
 
 
+def keras3_module():
+    """The Keras 3 package, if this process uses it, else None.
+
+    That is `keras` where `tf.keras` resolves to it (TF >= 2.16 without
+    `TF_USE_LEGACY_KERAS=1`), or where the program imported it itself. Not
+    cached: a program may import Keras 3 after gradaccum.
+    """
+    if IS_TF1:
+        return None
+    package = sys.modules.get("keras")
+    if package is None and keras2_module() is None:
+        import keras as package  # what tf.keras is here: imported already, by tf.keras
+    if package is not None and keras_major(package) >= 3:
+        return package
+    return None
+
+
 def variable_key(variable):
-    """A hashable stand-in for a variable (`ref()` since TF 2.1, before it `experimental_ref()`)."""
+    """A hashable stand-in for a variable.
+
+    `ref()` for TensorFlow variables (TF 2.1+; `experimental_ref()` before);
+    a Keras 3 variable has neither, and is keyed by identity (the model
+    holds it for as long as the key is used).
+    """
+    if not isinstance(variable, tf.Variable):
+        return ("keras3", id(variable))
     return variable.ref() if _HAS_REF else variable.experimental_ref()
 
 
@@ -128,6 +152,13 @@ def runtime_of(model):
     description = "TensorFlow {} with Keras {} ({}), {} mode".format(
         tf.__version__, keras_version, keras.__name__, "eager" if eager else "graph")
     if major >= 3:
+        backend = keras.backend.backend()
+        if backend != "tensorflow":
+            raise NotImplementedError(
+                "accumulate: gradaccum accumulates with TensorFlow, so on Keras 3 it needs "
+                "the TensorFlow backend. Received: a model of Keras {} with the {!r} "
+                "backend (set KERAS_BACKEND=tensorflow before importing keras)".format(
+                    keras_version, backend))
         kind = KERAS3
     elif IS_TF1 or not eager:
         kind = GRAPH

@@ -5,15 +5,14 @@ import importlib
 from . import _compat
 from ._window import APPLY, check_epoch_end, check_n
 
-# Runtime kind -> (route module, or None while the route does not exist yet).
-# Keras 2 models train in eager mode through their train_step, and in graph
-# mode (TF 1.x, or eager disabled) through the graph route's in-graph
-# accumulation; one class serves both, so a model saved in one mode loads in
-# the other.
+# Runtime kind -> route module. Keras 2 models train in eager mode through
+# their train_step, and in graph mode (TF 1.x, or eager disabled) through the
+# graph route's in-graph accumulation; one class serves both, so a model saved
+# in one mode loads in the other. Keras 3 has its own train_step route.
 _ROUTES = {
     _compat.KERAS2_EAGER: "gradaccum._keras2",
     _compat.GRAPH: "gradaccum._keras2",
-    _compat.KERAS3: None,
+    _compat.KERAS3: "gradaccum._keras3",
 }
 
 
@@ -43,7 +42,7 @@ def accumulate(model, n, epoch_end=APPLY):
     Raises:
         TypeError: `model` is no Keras model, or `n` is no integer.
         ValueError: `n < 1`, or an unknown `epoch_end`.
-        NotImplementedError: the runtime (Keras 3) has no route yet.
+        NotImplementedError: a Keras 3 model on a backend other than TensorFlow.
 
     Example:
         >>> model = accumulate(model, 4)
@@ -53,20 +52,16 @@ def accumulate(model, n, epoch_end=APPLY):
     n = check_n(n, "accumulate")
     check_epoch_end(epoch_end, "accumulate")
     runtime = _compat.runtime_of(model)
-    route = _ROUTES[runtime.kind]
-    if route is None:
-        raise NotImplementedError(
-            "accumulate: gradaccum does not support this runtime yet: {}. Supported "
-            "now: Keras 2 (tf.keras on TF 1.15 and TF 2.x up to 2.15, or tf-keras with "
-            "TF_USE_LEGACY_KERAS=1), in eager or graph mode.".format(runtime.description))
-    return importlib.import_module(route).wrap(model, n, epoch_end)
+    return importlib.import_module(_ROUTES[runtime.kind]).wrap(model, n, epoch_end)
 
 
 def register_serializables():
     """Imports the routes whose model classes saved files may name.
 
     Keras finds a saved `gradaccum>AccumModel` only if the class is registered,
-    so `import gradaccum` registers the Keras 2 classes when Keras 2 is present.
+    so `import gradaccum` registers the classes of each Keras this process uses.
     """
     if _compat.keras2_module() is not None:
         importlib.import_module("gradaccum._keras2")
+    if _compat.keras3_module() is not None:
+        importlib.import_module("gradaccum._keras3")

@@ -74,11 +74,12 @@ def _build(old_name, n_name, n, mixed_precision, use_agc, kwargs):
         raise TypeError(
             "{}: builds a functional model, and takes inputs=, outputs= and optionally "
             "name=. Received: keyword arguments {}".format(caller, sorted(kwargs)))
-    if _compat.keras2_module() is None:
-        raise NotImplementedError(
-            "{}: needs Keras 2 (tf.keras up to TF 2.15, or tf-keras with "
-            "TF_USE_LEGACY_KERAS=1); this runtime has Keras 3 only.".format(caller))
-    from ._keras2 import AccumModel
+    # The old library ran on tf.keras; on TF >= 2.16 that is Keras 3 unless
+    # TF_USE_LEGACY_KERAS=1 selects tf-keras.
+    if _compat.keras2_module() is not None:
+        from ._keras2 import AccumModel
+    else:
+        from ._keras3 import AccumModel
     return AccumModel(n=n, epoch_end=APPLY, **kwargs)
 
 
