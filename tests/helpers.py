@@ -1,4 +1,9 @@
-"""Keras 2 models and data for the differential tests (oracles: see oracles.py)."""
+"""Keras models and data for the differential tests (oracles: see oracles.py).
+
+One suite for both Keras flavours: `keras` is what this runtime's `tf.keras`
+is (Keras 2: tf.keras up to TF 2.15, or tf-keras with TF_USE_LEGACY_KERAS=1;
+Keras 3 after), and tests that need a capability skip by capability.
+"""
 
 import inspect
 
@@ -9,12 +14,12 @@ from gradaccum import _compat
 from oracles import (  # noqa: F401 - the Keras tests' one import for both
     DISCRIMINATION, REL_TOL, assert_discriminates, assert_same_training, change_error, record)
 
-keras = _compat.keras2_module()
+keras = _compat.keras2_module() or _compat.keras3_module()
 if keras is None:
-    # Imported only by the Keras-2 test modules: they skip, visibly, where
-    # this runtime has no Keras 2 (TF 1.x, TF >= 2.16 with Keras 3 only).
-    pytest.skip("no Keras 2 in this runtime (TensorFlow {})".format(_compat.TF_VERSION),
+    pytest.skip("no Keras in this runtime (TensorFlow {})".format(_compat.TF_VERSION),
                 allow_module_level=True)
+KERAS3 = _compat.keras_major(keras) >= 3
+keras3_only = pytest.mark.skipif(not KERAS3, reason="a Keras 3 feature; this is Keras 2")
 
 
 def require_mode(eager):
@@ -27,6 +32,7 @@ def require_mode(eager):
     if here != ("eager" if eager else "graph"):
         pytest.skip("{} tests; this run is in {} mode".format("eager" if eager else "graph-mode", here),
                     allow_module_level=True)
+
 
 def data(n_samples=96, n_features=5, n_outputs=3, seed=0):
     rng = np.random.RandomState(seed)
@@ -93,6 +99,20 @@ def two_in_two_out_data():
 
 
 MODELS = {"functional": functional_mlp, "sequential": sequential_mlp, "subclassed": subclassed_mlp}
+
+
+def steps_of(model):
+    """The optimizer's update count."""
+    return int(model.optimizer.iterations.numpy())
+
+
+def optimizer_accepts(factory, **options):
+    """Whether this Keras' optimizer takes these constructor options."""
+    try:
+        factory(**options)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 # Model.compile(jit_compile=...) arrived in Keras 2.8.

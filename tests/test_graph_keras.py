@@ -21,6 +21,9 @@ from helpers import keras
 from gradaccum import accumulate
 
 helpers.require_mode(eager=False)
+if helpers.KERAS3:
+    pytest.skip("Keras 3 has no graph mode (its models train in tf.function); "
+                "test_graph_optimizer covers graph mode here", allow_module_level=True)
 
 v1 = tf.compat.v1
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "legacy", "examples")

@@ -81,7 +81,11 @@ def fit_save_reload_fit(model_factory, initial, path, batch_size, n=None, **save
     return helpers.weights_of(reloaded), int(reloaded.optimizer.iterations.numpy())
 
 
-SUFFIXES = {"savedmodel": "", "h5": ".h5", "keras": ".keras"}
+# Keras 2 saves whole models as SavedModel (a directory), .h5 and .keras;
+# Keras 3 to .keras, and SavedModel only for inference (`export`, below). Its
+# legacy .h5 is left out: Keras 3.15 cannot reload even a plain model compiled
+# with loss="mse" from .h5 ("Could not deserialize 'keras.metrics.mse'").
+SUFFIXES = {"keras": ".keras"} if helpers.KERAS3 else {"savedmodel": "", "h5": ".h5", "keras": ".keras"}
 
 
 @pytest.mark.parametrize("fmt", sorted(SUFFIXES))
@@ -96,6 +100,25 @@ def test_saved_model_reloads_and_keeps_accumulating(tmp_path, fmt):
     assert acc_steps == big_steps
 
 
+def test_a_fresh_process_that_imports_gradaccum_loads_the_model(tmp_path):
+    # `import gradaccum` registers the classes of the Keras that tf.keras is,
+    # before that Keras is even imported by the program.
+    import subprocess
+    import sys
+    x, y = helpers.data()
+    model = accumulate(helpers.functional_mlp(), N)
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    model.fit(x, y, batch_size=B, epochs=1, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    code = ("import gradaccum, tensorflow as tf; m = tf.keras.models.load_model({!r}); "
+            "print(type(m).__module__, type(m).__name__, m.n, int(m.optimizer.iterations.numpy()))").format(path)
+    result = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, timeout=300)
+    route = "gradaccum._keras3" if helpers.KERAS3 else "gradaccum._keras2"
+    assert result.stdout.split() == [route, "AccumModel", str(N), "3"], result.stderr[-2000:]
+
+
 @keras.utils.register_keras_serializable(package="gradaccum_tests")
 class RegisteredMLP(helpers.SubclassedMLP):
     pass
@@ -107,13 +130,31 @@ def registered_mlp():
     return model
 
 
-def test_subclassed_model_reloads_from_savedmodel(tmp_path):
+def test_subclassed_model_reloads(tmp_path):
+    # Keras 2 saves subclassed models as SavedModel; Keras 3 to .keras.
+    suffix, options = (".keras", {}) if helpers.KERAS3 else ("", {"save_format": "tf"})
     initial = helpers.weights_of(registered_mlp())
     accumulated, acc_steps = fit_save_reload_fit(
-        registered_mlp, initial, str(tmp_path / "acc"), B, n=N, save_format="tf")
-    big, big_steps = fit_save_reload_fit(registered_mlp, initial, str(tmp_path / "big"), N * B, save_format="tf")
+        registered_mlp, initial, str(tmp_path / ("acc" + suffix)), B, n=N, **options)
+    big, big_steps = fit_save_reload_fit(registered_mlp, initial, str(tmp_path / ("big" + suffix)), N * B, **options)
     helpers.assert_same_training(initial, accumulated, big)
     assert acc_steps == big_steps
+
+
+@pytest.mark.skipif(not hasattr(keras.Model, "export"), reason="this Keras has no Model.export")
+@pytest.mark.parametrize("kind", ["functional", "subclassed"])
+def test_export_serves_the_trained_model(tmp_path, kind):
+    # export() writes an inference SavedModel (Keras >= 2.13 and 3): it must
+    # serve what the trained model predicts, with no accumulator in it.
+    import tensorflow as tf
+    x, y = helpers.data()
+    model = accumulate(helpers.MODELS[kind](), N)
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    model.fit(x, y, batch_size=B, epochs=1, verbose=0)
+    model.export(str(tmp_path / "served"))
+    served = tf.saved_model.load(str(tmp_path / "served"))
+    np.testing.assert_allclose(served.serve(x).numpy(), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    assert not any("gradaccum" in v.name for v in served.variables)
 
 
 def test_numpy_integer_n_is_accepted():
@@ -141,6 +182,37 @@ class OwnTrainStep(keras.Model):
 def test_model_with_its_own_train_step_is_refused():
     with pytest.raises(ValueError, match="overrides train_step"):
         accumulate(OwnTrainStep(), 4)
+
+
+@helpers.keras3_only
+def test_keras3s_own_accumulation_option_is_refused():
+    # Both would accumulate: n * gradient_accumulation_steps micro-batches per update.
+    x, y = helpers.data()
+    model = accumulate(helpers.functional_mlp(), N)
+    model.compile(keras.optimizers.Adam(0.01, gradient_accumulation_steps=2), "mse")
+    with pytest.raises(ValueError, match=r"gradient_accumulation_steps=2.*Received: optimizer=Adam"):
+        model.fit(x, y, batch_size=B, verbose=0)
+
+
+@helpers.keras3_only
+def test_keras3s_own_accumulation_option_is_not_the_big_batch():
+    # Why gradaccum exists on Keras 3: the optimizer option advances its
+    # learning-rate schedule on every micro-step, so it trains differently
+    # from the big batch, where accumulate() does not (test_keras_exact).
+    x, y = helpers.data()
+    initial = helpers.weights_of(helpers.functional_mlp())
+
+    def schedule():
+        return keras.optimizers.schedules.ExponentialDecay(0.05, decay_steps=1, decay_rate=0.5)
+
+    native = helpers.fresh(helpers.functional_mlp, initial)
+    native.compile(keras.optimizers.Adam(schedule(), gradient_accumulation_steps=N), "mse")
+    native.fit(x, y, batch_size=B, epochs=2, shuffle=False, verbose=0)
+    big = helpers.fresh(helpers.functional_mlp, initial)
+    big.compile(keras.optimizers.Adam(schedule()), "mse")
+    big.fit(x, y, batch_size=N * B, epochs=2, shuffle=False, verbose=0)
+    error = helpers.assert_discriminates(initial, helpers.weights_of(native), helpers.weights_of(big))
+    helpers.record("keras3-native-option/adam-schedule", error)
 
 
 def test_mixed_precision_loss_scaling_is_refused_until_supported():

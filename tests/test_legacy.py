@@ -22,6 +22,9 @@ from GradientAccumulator.GAModelWrapper import GAModelWrapper
 helpers.require_mode(eager=True)
 
 N, B = 4, 8
+# The old library's users saved to a directory (Keras 2's SavedModel); Keras 3
+# saves whole models only to .keras files.
+SUFFIX = ".keras" if helpers.KERAS3 else ""
 
 
 def old_style_model(initial):
@@ -41,7 +44,8 @@ def test_the_old_import_path_warns_once_and_builds_gradaccums_model():
     assert deprecations[0].filename == __file__  # points at the caller's line
     import GradientAccumulator
     assert GradientAccumulator.GAModelWrapper is gradaccum.migration.GAModelWrapper
-    assert type(first).__module__ == "gradaccum._keras2" and first.n == N and second.n == N
+    route = "gradaccum._keras3" if helpers.KERAS3 else "gradaccum._keras2"
+    assert type(first).__module__ == route and first.n == N and second.n == N
 
 
 def datasets(batch_size):
@@ -57,7 +61,7 @@ def old_flow(model, batch_size, path):
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", metrics=["mae"])
     model.fit(train, validation_data=validation, epochs=2, verbose=0)
     before = helpers.weights_of(model)
-    model.save(path)  # a directory: Keras 2's SavedModel format
+    model.save(path)
     reloaded = keras.models.load_model(path, compile=True)
     evaluation = reloaded.evaluate(validation, verbose=0)
     np.testing.assert_allclose(evaluation, model.evaluate(validation, verbose=0), rtol=1e-6)
@@ -67,10 +71,10 @@ def old_flow(model, batch_size, path):
 
 def test_the_old_flow_trains_saves_reloads_and_trains_on_exactly(tmp_path):
     initial = helpers.weights_of(helpers.functional_mlp())
-    trained, reloaded, trained_on = old_flow(old_style_model(initial), B, str(tmp_path / "old"))
+    trained, reloaded, trained_on = old_flow(old_style_model(initial), B, str(tmp_path / ("old" + SUFFIX)))
     big_trained, big_reloaded, big_trained_on = old_flow(
-        helpers.fresh(helpers.functional_mlp, initial), N * B, str(tmp_path / "big"))
-    _, _, small_trained_on = old_flow(helpers.fresh(helpers.functional_mlp, initial), B, str(tmp_path / "small"))
+        helpers.fresh(helpers.functional_mlp, initial), N * B, str(tmp_path / ("big" + SUFFIX)))
+    _, _, small_trained_on = old_flow(helpers.fresh(helpers.functional_mlp, initial), B, str(tmp_path / ("small" + SUFFIX)))
     # Exact means the mean of the micro-batch gradients, not their sum.
     helpers.assert_same_training(initial, trained, big_trained)
     assert reloaded.n == N and type(reloaded).__name__ == "AccumModel"

@@ -1,4 +1,4 @@
-"""Prints the test matrix as one table: environment -> versions and passed/failed/skipped.
+"""Prints the test matrix as one table: environment -> versions and passed/failed/skipped/xfailed.
 
 Reads the JSON reports that tests/conftest.py writes into .tox/reports: one
 per tox environment and pytest pass (TF 2.x environments add a graph-mode
@@ -21,7 +21,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- versions:begin -->", "<!-- versions:end -->"
 COLUMNS = [("tox env", "env"), ("mode", "mode"), ("Python", "python"), ("TensorFlow", "tensorflow"),
-           ("Keras", "keras"), ("passed", "passed"), ("failed", "failed"), ("skipped", "skipped")]
+           ("Keras", "keras"), ("passed", "passed"), ("failed", "failed"), ("skipped", "skipped"),
+           ("xfailed", "xfailed")]
 
 
 def expand(spec):
@@ -47,7 +48,8 @@ def load(reports_dir, environments):
                 rows.append(dict(json.load(handle), env=env))
         else:
             rows.append({"env": env, "mode": "-", "python": "-", "tensorflow": "-",
-                         "keras": "no report: tests did not run", "passed": 0, "failed": 1, "skipped": 0})
+                         "keras": "no report: tests did not run", "passed": 0, "failed": 1, "skipped": 0,
+                         "xfailed": 0})
         graph_pass = os.path.join(reports_dir, env + "-graph.json")
         if os.path.exists(graph_pass):
             with open(graph_pass) as handle:
@@ -96,9 +98,9 @@ def main(argv=None):
     rows = load(args.reports_dir, environments)
     print()
     print(table(rows))
-    totals = {key: sum(row[key] for row in rows) for key in ("passed", "failed", "skipped")}
+    totals = {key: sum(row.get(key, 0) for row in rows) for key in ("passed", "failed", "skipped", "xfailed")}
     print()
-    print("matrix: {passed} passed, {failed} failed, {skipped} skipped".format(**totals))
+    print("matrix: {passed} passed, {failed} failed, {skipped} skipped, {xfailed} xfailed".format(**totals))
     if args.readme:
         update_readme(args.readme, rows)
     return 1 if totals["failed"] or not rows or totals["passed"] == 0 else 0
