@@ -33,8 +33,7 @@ TF_VERSION = Version(tf.__version__)
 TF_RELEASE = TF_VERSION.release
 IS_TF1 = TF_RELEASE[0] < 2
 
-# The runtimes gradaccum distinguishes. Each maps to one route, or to a clear
-# "not supported yet" until its route exists.
+# The runtimes gradaccum distinguishes. Each maps to one route (see _facade).
 KERAS2_EAGER = "keras2-eager"  # TF 2.x, Keras 2, eager: train_step accumulates
 GRAPH = "graph"  # TF 1.x, or TF 2.x with eager disabled: accumulation in the graph
 KERAS3 = "keras3"  # TF 2.16+, Keras 3 (TensorFlow backend): train_step accumulates

@@ -177,6 +177,13 @@ def test_jit_compile_matches_big_batch():
             compile_kwargs={"jit_compile": True})
 
 
+def test_run_eagerly_matches_big_batch():
+    # No tf.function: the training step runs, and the window decides, in Python each time.
+    x, y = helpers.data(100)
+    compare(helpers.functional_mlp, OPTIMIZERS["adam-schedule"], x, y, "run_eagerly",
+            compile_kwargs={"run_eagerly": True})
+
+
 def unknown_length(x, y, batch_size):
     """A dataset whose cardinality Keras cannot know in advance."""
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).filter(lambda *_: True)
