@@ -25,26 +25,6 @@ from ._window import Window, check_n
 _V1Optimizer = tf.compat.v1.train.Optimizer
 
 
-def accumulate_in_graph(window, grads_and_vars, batch_size, apply_fn):
-    """The op that adds one micro-batch and applies the window when it is due.
-
-    Args:
-        window: The `Window` to add to.
-        grads_and_vars: This micro-batch's (gradient, variable) pairs.
-        batch_size: This micro-batch's weight (its number of samples).
-        apply_fn: Called with the mean's (gradient, variable) pairs inside the
-            update branch; returns the op that applies them.
-
-    Returns:
-        A boolean tensor: whether this run applied an update.
-    """
-    grads_and_vars = list(grads_and_vars)
-    window.build([var for grad, var in grads_and_vars if grad is not None])
-    with tf.control_dependencies([window.add(grads_and_vars, batch_size)]):
-        due = window.due()
-    return tf.cond(due, lambda: window.apply(apply_fn), lambda: tf.constant(False))
-
-
 def pending_apply(window, apply_fn):
     """The op that applies a non-empty window now (a partial one at an epoch's end)."""
     return tf.cond(window.count > 0, lambda: window.apply(apply_fn), lambda: tf.constant(False))
@@ -145,7 +125,7 @@ class AccumOptimizer(_V1Optimizer):
             return self._optimizer.apply_gradients(mean, global_step=global_step, name=name)
 
         with tf.name_scope(self._name):
-            applied = accumulate_in_graph(window, grads_and_vars, batch_size, apply_fn)
+            applied = window.accumulate(grads_and_vars, batch_size, apply_fn)
         return tf.group(applied, name=name)
 
     def get_slot(self, var, name):
@@ -206,7 +186,7 @@ def keras_updates(optimizer, window, loss, params, batch_size):
             "as 'adam') or a tf.compat.v1.train.Optimizer. Received: optimizer={!r}".format(optimizer))
     with tf.init_scope():
         optimizer.iterations  # created outside the update branch
-    train_update = accumulate_in_graph(window, grads_and_vars, batch_size, apply_fn)
+    train_update = window.accumulate(grads_and_vars, batch_size, apply_fn)
     return train_update, pending_apply(window, apply_fn)
 
 

@@ -46,12 +46,9 @@ class _Keras2Training(_model.Accumulating):
             loss = self._accum_loss(x, y, y_pred, sample_weight)
         variables = self.trainable_variables
         grads = tape.gradient(loss, variables)
-        window = self._accum_window
-        window.build(variables)
         with tf.init_scope():
-            self.optimizer.iterations  # created outside the cond branch below
-        window.add(zip(grads, variables), _batch_size(x))
-        tf.cond(window.due(), lambda: window.apply(self.optimizer.apply_gradients), lambda: tf.constant(False))
+            self.optimizer.iterations  # created outside the cond branch
+        self._accum_window.accumulate(zip(grads, variables), _model.batch_size(x), self.optimizer.apply_gradients)
         return self._with_update_count(self._accum_metrics(x, y, y_pred, sample_weight))
 
     def _make_train_function(self):
@@ -65,7 +62,7 @@ class _Keras2Training(_model.Accumulating):
 
         def get_updates(loss, params):
             update, self._accum_flush_op = _graph.keras_updates(
-                optimizer, self._accum_window, loss, params, _batch_size(self.inputs))
+                optimizer, self._accum_window, loss, params, _model.batch_size(self.inputs))
             return [update]
 
         existing = set(id(var) for var in self._accum_window.all_variables())
@@ -156,10 +153,6 @@ def _run_in_keras_session(op):
     with tf.control_dependencies([op]):
         done = tf.constant(True)
     keras.backend.get_value(done)
-
-
-def _batch_size(x):
-    return tf.shape(tf.nest.flatten(x)[0])[0]
 
 
 def _compile_args(model):

@@ -15,8 +15,6 @@ once per update, on the accumulated gradient, as on the big batch.
 What Keras 2 and 3 models share is in `_model`.
 """
 
-import tensorflow as tf
-
 from . import _compat, _model
 
 keras = _compat.keras3_module()
@@ -43,11 +41,8 @@ class _Keras3Training(_model.Accumulating):
         called = []
 
         def accumulate_gradients(grads_and_vars):
-            grads_and_vars = list(grads_and_vars)
-            window.build([var for grad, var in grads_and_vars if grad is not None])
-            window.add(grads_and_vars, _batch_size(x))
             called.append(True)
-            return tf.cond(window.due(), lambda: window.apply(apply_gradients), lambda: tf.constant(False))
+            return window.accumulate(grads_and_vars, _model.batch_size(x), apply_gradients)
 
         # An instance attribute shadows the method for this trace only; the
         # traced function keeps what it called.
@@ -108,10 +103,6 @@ class AccumWrapper(_model.WrapperMixin, _Keras3Training, keras.Model):
 
 
 _model.register_bare_names(keras, (AccumModel, AccumWrapper))
-
-
-def _batch_size(x):
-    return tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
 
 
 def _compile_args(model):

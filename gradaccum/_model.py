@@ -99,6 +99,12 @@ def _overrides(model, hook):
     return False
 
 
+def batch_size(x):
+    """A micro-batch's number of samples: the first dimension of its first input tensor."""
+    # (Keras 3 allows None among optional inputs; skip those.)
+    return tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
+
+
 def refuse_loss_scaling(optimizer, keras):
     # Loss scaling must happen per micro-batch and its finiteness check once
     # per window; until that is built and proven against the big batch, say so

@@ -150,6 +150,30 @@ class Window(object):
                 pairs.append((tf.IndexedSlices(values, indices, tf.shape(total, out_type=tf.int64)), var))
         return pairs
 
+    def accumulate(self, grads_and_vars, batch_size, apply_fn):
+        """Adds one micro-batch, and applies the window if it is now due.
+
+        Every route's training step is this call. The accumulators are built
+        on first use (under `init_scope`), the sums are added before `due` is
+        read (ordered explicitly for graph mode), and `apply_fn` runs only
+        inside the `tf.cond` branch, so the inner optimizer is not called at
+        all on the other micro-steps.
+
+        Args:
+            grads_and_vars: This micro-batch's (gradient, variable) pairs.
+            batch_size: This micro-batch's weight (its number of samples).
+            apply_fn: Called with the mean's (gradient, variable) pairs inside
+                the update branch: the inner optimizer's update.
+
+        Returns:
+            A boolean tensor: whether this step applied an update.
+        """
+        grads_and_vars = list(grads_and_vars)
+        self.build([var for grad, var in grads_and_vars if grad is not None])
+        with tf.control_dependencies([self.add(grads_and_vars, batch_size)]):
+            due = self.due()
+        return tf.cond(due, lambda: self.apply(apply_fn), lambda: tf.constant(False))
+
     def apply(self, apply_fn):
         """Applies the window's mean with `apply_fn`, then empties the window.
 
