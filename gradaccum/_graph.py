@@ -107,8 +107,11 @@ class AccumOptimizer(_V1Optimizer):
                 "Received: a call with eager execution enabled")
         if tf.distribute.has_strategy():
             raise NotImplementedError(
-                "AccumOptimizer: tf.distribute strategies are not supported in graph mode. "
-                "Received: strategy {}".format(type(tf.distribute.get_strategy()).__name__))
+                "AccumOptimizer: tf.distribute strategies are not supported in graph mode "
+                "(the update would all-reduce inside a graph-mode tf.cond, which deadlocked "
+                "the Session when tried). Use eager mode (TF 2) with gradaccum.accumulate"
+                "(model, n) under the strategy. Received: strategy {}".format(
+                    type(tf.distribute.get_strategy()).__name__))
         grads_and_vars = tuple(grads_and_vars)
         if not any(grad is not None for grad, _ in grads_and_vars):
             raise ValueError(

@@ -36,19 +36,39 @@ class _Keras2Training(_model.Accumulating):
         super(_Keras2Training, self)._init_accumulation(n, epoch_end)
         self._accum_flush_op = None  # graph mode: applies a partial window
 
+    def _accum_check_fit(self):
+        # Graph-mode Keras trains under a strategy with its own distributed
+        # loop, which never builds the training op from get_updates: the
+        # model would train plain, one update per micro-batch.
+        strategy = getattr(self, "_distribution_strategy", None)
+        if (self._accum_n > 1 and not _compat.executing_eagerly()
+                and (strategy is not None or tf.distribute.has_strategy())):
+            raise NotImplementedError(
+                "accumulate: tf.distribute strategies are supported in eager mode (TF 2), not "
+                "with eager execution disabled, where Keras trains under a strategy without "
+                "the accumulating training op. Received: a model compiled under strategy "
+                "{}".format(type(strategy or tf.distribute.get_strategy()).__name__))
+
     def train_step(self, data):
         if self._accum_n == 1:
             return self._with_update_count(super(_Keras2Training, self).train_step(data))
-        _model.refuse_loss_scaling(self.optimizer, keras)
+        optimizer = self.optimizer
+        # Mixed precision (see _model.MIXED_PRECISION): the loss is scaled by
+        # scale / n, and the gradients unscaled before they are added.
+        scaling = isinstance(optimizer, _compat.loss_scale_optimizer_classes(keras))
+        n = self._accum_n
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             loss = self._accum_loss(x, y, y_pred, sample_weight)
+            scaled_loss = optimizer.get_scaled_loss(loss / n) if scaling else loss
         variables = self.trainable_variables
-        grads = tape.gradient(loss, variables)
+        grads = tape.gradient(scaled_loss, variables)
+        if scaling:
+            grads = [None if grad is None else grad * n for grad in optimizer.get_unscaled_gradients(grads)]
         with tf.init_scope():
-            self.optimizer.iterations  # created outside the cond branch
-        self._accum_window.accumulate(zip(grads, variables), _model.batch_size(x), self.optimizer.apply_gradients)
+            optimizer.iterations  # created outside the cond branch
+        self._accum_window.accumulate(zip(grads, variables), _model.batch_size(x), optimizer.apply_gradients)
         return self._with_update_count(self._accum_metrics(x, y, y_pred, sample_weight))
 
     def _make_train_function(self):

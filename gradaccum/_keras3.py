@@ -15,6 +15,11 @@ once per update, on the accumulated gradient, as on the big batch.
 What Keras 2 and 3 models share is in `_model`.
 """
 
+import contextlib
+import threading
+
+import tensorflow as tf
+
 from . import _compat, _model
 
 keras = _compat.keras3_module()
@@ -36,21 +41,41 @@ class _Keras3Training(_model.Accumulating):
         optimizer = self.optimizer
         _check_optimizer(optimizer)
         window = self._accum_window
-        apply_gradients = optimizer.apply_gradients
+        n = self._accum_n
+        # The class's methods: another replica's thread may be standing in now.
+        apply_gradients = _method(optimizer, "apply_gradients")
         x = keras.utils.unpack_x_y_sample_weight(data)[0]
         called = []
+        stand_ins = {}
+        unscale = rescale = list
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            # Mixed precision (see _model.MIXED_PRECISION): each micro-batch's
+            # loss is scaled by scale / n, so that its float16 gradients have
+            # the big batch's magnitudes, and the gradients are unscaled
+            # before they are added. The mean is handed back scaled by the
+            # scale, which is what the LossScaleOptimizer's apply expects.
+            if not optimizer.built:
+                with tf.init_scope():
+                    optimizer.build(self.trainable_variables)
+            scale = optimizer.dynamic_scale
+            scale_loss = _method(optimizer, "scale_loss")
+            stand_ins["scale_loss"] = lambda loss: scale_loss(loss / n)
+
+            def unscale(pairs):
+                return _multiplied(pairs, n / scale)
+
+            def rescale(pairs):
+                return _multiplied(pairs, scale)
 
         def accumulate_gradients(grads_and_vars):
             called.append(True)
-            return window.accumulate(grads_and_vars, _model.batch_size(x), apply_gradients)
+            return window.accumulate(
+                unscale(grads_and_vars), _model.batch_size(x),
+                lambda mean: apply_gradients(rescale(mean)))
 
-        # An instance attribute shadows the method for this trace only; the
-        # traced function keeps what it called.
-        optimizer.apply_gradients = accumulate_gradients
-        try:
+        stand_ins["apply_gradients"] = accumulate_gradients
+        with _STAND_INS.standing_in(optimizer, stand_ins):
             logs = super(_Keras3Training, self).train_step(data)
-        finally:
-            del optimizer.apply_gradients
         if not called:
             raise RuntimeError(
                 "accumulate: Keras {}'s train_step did not call optimizer.apply_gradients, "
@@ -59,8 +84,77 @@ class _Keras3Training(_model.Accumulating):
         return self._with_update_count(logs)
 
 
+def _multiplied(grads_and_vars, factor):
+    """(gradient * factor, variable) pairs; sparse gradients stay sparse."""
+    pairs = []
+    for grad, var in grads_and_vars:
+        if isinstance(grad, tf.IndexedSlices):
+            grad = tf.IndexedSlices(grad.values * tf.cast(factor, grad.dtype), grad.indices, grad.dense_shape)
+        elif grad is not None:
+            grad = grad * tf.cast(factor, grad.dtype)
+        pairs.append((grad, var))
+    return pairs
+
+
+def _method(obj, name):
+    """`obj.name` as its class defines it, whatever stands in for it now."""
+    return getattr(type(obj), name).__get__(obj)
+
+
+class _StandIns(object):
+    """Stands in for an optimizer's methods during a trace of the training step.
+
+    Instance attributes shadow the methods; the traced function keeps what
+    it called. Under a `tf.distribute` strategy each replica traces the step
+    in its own thread, at the same time, so each attribute dispatches to the
+    calling thread's stand-in (to the method itself in threads without one),
+    and is removed when the last thread is done.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._tracing = {}  # id(optimizer) -> threads tracing with stand-ins
+
+    @contextlib.contextmanager
+    def standing_in(self, optimizer, stand_ins):
+        key = id(optimizer)
+        mine = self._local.__dict__.setdefault("stand_ins", {})
+        mine[key] = stand_ins
+        with self._lock:
+            if not self._tracing.get(key):
+                for name in _STOOD_IN:
+                    setattr(optimizer, name, self._dispatcher(optimizer, name))
+            self._tracing[key] = self._tracing.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            del mine[key]
+            with self._lock:
+                self._tracing[key] -= 1
+                if not self._tracing[key]:
+                    del self._tracing[key]
+                    for name in _STOOD_IN:
+                        delattr(optimizer, name)
+
+    def _dispatcher(self, optimizer, name):
+        method = _method(optimizer, name)
+        key = id(optimizer)
+
+        def dispatch(*args, **kwargs):
+            stand_in = self._local.__dict__.get("stand_ins", {}).get(key, {}).get(name)
+            return (stand_in or method)(*args, **kwargs)
+
+        return dispatch
+
+
+_STOOD_IN = ("apply_gradients", "scale_loss")
+_STAND_INS = _StandIns()
+
+
 def _check_optimizer(optimizer):
-    _model.refuse_loss_scaling(optimizer, keras)
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
     steps = getattr(optimizer, "gradient_accumulation_steps", None)
     if steps:
         raise ValueError(

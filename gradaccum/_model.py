@@ -105,15 +105,34 @@ def batch_size(x):
     return tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
 
 
+def strategy_of(model):
+    """The `tf.distribute` strategy `model` trains under (TF 1.x's Keras does not say)."""
+    return getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
+
+
 def refuse_loss_scaling(optimizer, keras):
-    # Loss scaling must happen per micro-batch and its finiteness check once
-    # per window; until that is built and proven against the big batch, say so
-    # rather than train float16 gradients unscaled.
+    # The graph route (Keras 2 with eager disabled) has no micro-batch loss
+    # scaling; say so rather than train float16 gradients unscaled.
     if isinstance(optimizer, loss_scale_optimizer_classes(keras)):
         raise NotImplementedError(
             "accumulate: mixed precision with a LossScaleOptimizer (the mixed_float16 "
-            "policy wraps one around your optimizer) is not supported yet. Train in "
-            "float32, or with n=1. Received: optimizer={}".format(type(optimizer).__name__))
+            "policy wraps one around your optimizer) is supported in eager mode (TF 2), "
+            "not in graph mode. Received: optimizer={} with eager execution disabled".format(
+                type(optimizer).__name__))
+
+
+# MIXED_PRECISION: how both Keras routes train with a LossScaleOptimizer.
+# Each micro-batch's loss is scaled by scale / n rather than by the scale: a
+# micro-batch's mean loss weighs each sample n times more than the big batch's
+# mean does, so with the plain scale its float16 gradients would be n times
+# larger than the big batch's, and overflow where the big batch's do not. The
+# gradients are unscaled (times n / scale) before they are added to the float32
+# accumulators. The loss scale cannot change within a window: only the
+# LossScaleOptimizer's update changes it, and that runs once per window, on the
+# window's mean, where it checks finiteness once and skips the whole update
+# (halving the scale once) if any micro-batch overflowed, as the big batch's
+# step would be skipped. The scale and n are powers of two in the usual case, so
+# the scaling and unscaling are exact.
 
 
 def register_bare_names(keras, classes):
@@ -165,6 +184,7 @@ class Accumulating(object):
         return logs
 
     def fit(self, *args, **kwargs):
+        self._accum_check_fit()
         args = list(args)
         verbose = args[_FIT_VERBOSE_INDEX] if len(args) > _FIT_VERBOSE_INDEX else kwargs.get("verbose", "auto")
         if len(args) > _FIT_CALLBACKS_INDEX:
@@ -182,6 +202,9 @@ class Accumulating(object):
         if self._accum_n > 1:
             callbacks.append(self._window_callback())
         return callbacks
+
+    def _accum_check_fit(self):
+        """Raises if this model cannot train with accumulation here (route hook)."""
 
     def _accum_progress_bar(self, callbacks, verbose):
         """The callbacks, with a progress bar that shows `updates` as a count (route hook)."""
@@ -215,7 +238,10 @@ class WindowCallback(object):
     def on_epoch_begin(self, epoch, logs=None):
         model = self.model
         steps = epoch_steps(self.params) if model.epoch_end == APPLY else None
-        model._accum_set(model._accum_window.epoch_start_values(steps))
+        # The window's counters are made on first use: under the model's
+        # strategy, which Keras 3 does not enter around callbacks.
+        with strategy_of(model).scope():
+            model._accum_set(model._accum_window.epoch_start_values(steps))
 
     def on_test_begin(self, logs=None):
         # fit() validates after the epoch's last step: with a known epoch

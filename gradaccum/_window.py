@@ -81,16 +81,21 @@ class Window(object):
 
     def build(self, variables=()):
         """Creates the counters, and one accumulator per variable (idempotent)."""
-        with tf.init_scope():
+        missing = [var for var in variables if variable_key(var) not in self._sums]
+        if self.count is not None and not missing:
+            return
+
+        def create():
             if self.count is None:
                 self.count = _counter("gradaccum/count", tf.int64, 0)
-                self.weight = _counter("gradaccum/weight", tf.float32, 0.0)
+                self.weight = _variable(0.0, "gradaccum/weight", tf.float32)
                 self.epoch_step = _counter("gradaccum/epoch_step", tf.int64, 0)
                 self.epoch_steps = _counter("gradaccum/epoch_steps", tf.int64, -1)
-            for var in variables:
-                if variable_key(var) not in self._sums:
-                    self._sums[variable_key(var)] = _variable(
-                        tf.zeros(var.shape, _accumulator_dtype(var)), _name(var, "sum"))
+            for var in missing:
+                self._sums[variable_key(var)] = _variable(
+                    tf.zeros(var.shape, _accumulator_dtype(var)), _name(var, "sum"))
+
+        _create_variables(create)
 
     def add(self, grads_and_vars, batch_size):
         """Adds one micro-batch: sum += batch_size * grad, count += 1."""
@@ -172,7 +177,18 @@ class Window(object):
         self.build([var for grad, var in grads_and_vars if grad is not None])
         with tf.control_dependencies([self.add(grads_and_vars, batch_size)]):
             due = self.due()
-        return tf.cond(due, lambda: self.apply(apply_fn), lambda: tf.constant(False))
+        replica = tf.distribute.get_replica_context()
+        if replica is None or not tf.distribute.has_strategy():
+            return tf.cond(due, lambda: self.apply(apply_fn), lambda: tf.constant(False))
+
+        def update_if_due(strategy, due):
+            def update():
+                applied = strategy.run(self.apply, args=(apply_fn,))
+                with tf.control_dependencies(strategy.experimental_local_results(applied)):
+                    return tf.constant(True)
+            return tf.cond(strategy.experimental_local_results(due)[0], update, lambda: tf.constant(False))
+
+        return replica.merge_call(update_if_due, args=(due,))
 
     def apply(self, apply_fn):
         """Applies the window's mean with `apply_fn`, then empties the window.
@@ -219,9 +235,33 @@ class Window(object):
     def _touched_rows(self, var):
         key = variable_key(var)
         if key not in self._rows:
-            with tf.init_scope():
+            def create():
                 self._rows[key] = _variable(tf.zeros(var.shape[:1], tf.int32), _name(var, "rows"))
+            _create_variables(create)
         return self._rows[key]
+
+
+def _create_variables(create):
+    """Runs `create()`, which makes variables, where variables belong.
+
+    That is outside any function being traced (`init_scope`), and under the
+    current `tf.distribute` strategy's scope, so that they are distributed
+    variables even when a Keras (3) traces its training step outside that
+    scope. In a replica's training step the replicas meet in `merge_call`
+    and the variables are created once, for all of them.
+    """
+    replica = tf.distribute.get_replica_context()
+    if replica is not None and tf.distribute.has_strategy():
+        replica.merge_call(lambda strategy: _create_variables(create))
+        return
+    # (Read before init_scope: the strategy is not in force outside the trace.)
+    strategy = tf.distribute.get_strategy() if tf.distribute.has_strategy() else None
+    with tf.init_scope():
+        if strategy is None:
+            create()
+        else:
+            with strategy.scope():
+                create()
 
 
 def _accumulator_dtype(var):
@@ -237,12 +277,12 @@ def _name(var, what):
     return "gradaccum/{}/{}".format(getattr(var, "path", var.name).split(":")[0], what)
 
 
-def _variable(initial_value, name, dtype=None, aggregation=tf.VariableAggregation.NONE):
+def _variable(initial_value, name, dtype=None, aggregation=tf.VariableAggregation.SUM):
     # Resource variables on TF 1.x too: their reads are ordered by control
     # dependencies, which the graph route relies on.
     return tf.compat.v1.Variable(
         initial_value, dtype=dtype, trainable=False, name=name, use_resource=True,
-        aggregation=aggregation)
+        synchronization=tf.VariableSynchronization.ON_READ, aggregation=aggregation)
 
 
 def _counter(name, dtype, initial_value):

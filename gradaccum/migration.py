@@ -32,8 +32,10 @@ def GAModelWrapper(n_gradients=1, mixed_precision=False, use_agc=False, clip_fac
 
     Args:
         n_gradients: Micro-batches per update.
-        mixed_precision: Only False is supported (mixed precision is refused,
-            as by `accumulate`).
+        mixed_precision: Accepted, True or False, and not needed: the model
+            scales each micro-batch's loss whenever it is compiled with a
+            LossScaleOptimizer (the mixed_float16 policy makes one), as the
+            old flag asked for.
         use_agc: Only False is supported: adaptive gradient clipping is not
             part of gradaccum. `clip_factor` and `eps` configured it, and are
             ignored as they were without it.
@@ -60,10 +62,6 @@ def _build(old_name, n_name, n, mixed_precision, use_agc, kwargs):
     _warn_once(old_name, n_name)
     caller = "{}({}=...)".format(old_name, n_name)
     n = check_n(n, caller)
-    if mixed_precision:
-        raise NotImplementedError(
-            "{}: mixed_precision=True is not supported (gradaccum refuses loss-scaled "
-            "mixed precision for now). Received: mixed_precision={!r}".format(caller, mixed_precision))
     if use_agc:
         raise NotImplementedError(
             "{}: adaptive gradient clipping (use_agc=True) is not part of gradaccum. "

@@ -18,9 +18,18 @@ def pytest_addoption(parser):
              "tests on TF 2.x (TF 1.x is in graph mode anyway)")
 
 
+# CPUs the tf.distribute tests train on: the one physical CPU split into this
+# many logical devices, before TensorFlow initializes its devices.
+LOGICAL_CPUS = 2
+
+
 def pytest_configure(config):
     if config.getoption("--graph-mode") and not _compat.IS_TF1:
         tf.compat.v1.disable_eager_execution()
+    if not _compat.IS_TF1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * LOGICAL_CPUS)
 
 
 @pytest.fixture(autouse=True)

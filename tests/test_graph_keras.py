@@ -171,6 +171,18 @@ def test_an_accum_optimizer_inside_an_accumulating_model_is_refused():
         model.fit(x, y, batch_size=8, verbose=0)
 
 
+def test_a_strategy_is_refused_in_graph_mode():
+    # Graph-mode Keras trains under a strategy with a loop of its own that
+    # would train this model plain: refused at fit.
+    x, y = helpers.data(16)
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+        model = accumulate(helpers.functional_mlp(), 2)
+        model.compile(optimizer=legacy.SGD(0.1), loss="mse")
+    with pytest.raises(NotImplementedError, match=r"strategies are supported in eager mode.*"
+                                                  r"Received: a model compiled under strategy Mirrored"):
+        model.fit(x, y, batch_size=8, verbose=0)
+
+
 @pytest.mark.skipif(hasattr(keras.optimizers.Adam, "get_gradients"),
                     reason="this Keras' default optimizers work in graph mode")
 def test_an_optimizer_without_graph_mode_is_a_clear_error():

@@ -225,6 +225,21 @@ def test_no_gradient_at_all_is_a_clear_error():
             optimizer.minimize(tf.constant(1.0), var_list=[w])
 
 
+def test_a_strategy_is_refused_in_graph_mode():
+    with tf.Graph().as_default():
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+        with strategy.scope():
+            w = v1.get_variable("w", [2], initializer=v1.ones_initializer())
+            optimizer = AccumOptimizer(v1.train.GradientDescentOptimizer(0.1), 2)
+
+            def step():
+                return optimizer.minimize(tf.reduce_sum(w * w), var_list=[w])
+
+            with pytest.raises(NotImplementedError, match=r"strategies are not supported in graph "
+                                                          r"mode.*Received: strategy Mirrored"):
+                strategy.extended.call_for_each_replica(step)
+
+
 def _restart(stop_at, restore_accumulators):
     """Trains with AccumOptimizer, stopping after `stop_at` micro-batches and restoring from a checkpoint."""
     feeds = batches(data(), 8)

@@ -213,16 +213,3 @@ def test_keras3s_own_accumulation_option_is_not_the_big_batch():
     big.fit(x, y, batch_size=N * B, epochs=2, shuffle=False, verbose=0)
     error = helpers.assert_discriminates(initial, helpers.weights_of(native), helpers.weights_of(big))
     helpers.record("keras3-native-option/adam-schedule", error)
-
-
-def test_mixed_precision_loss_scaling_is_refused_until_supported():
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        model = accumulate(helpers.functional_mlp(), N)
-        model.compile("adam", "mse")  # Keras wraps the optimizer in a LossScaleOptimizer
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-    x, y = helpers.data()
-    with pytest.raises(NotImplementedError, match="LossScaleOptimizer.*not supported yet"):
-        model.fit(x, y, batch_size=B, verbose=0)
-

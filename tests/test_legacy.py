@@ -94,7 +94,6 @@ def test_the_later_spelling_is_an_alias_too():
 
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"use_agc": True}, NotImplementedError, r"adaptive gradient clipping.*Received: use_agc=True"),
-    ({"mixed_precision": True}, NotImplementedError, r"Received: mixed_precision=True"),
     ({"n_gradients": 0}, ValueError, r"GAModelWrapper\(n_gradients=...\): n must be an integer >= 1.*Received: n=0"),
     ({"layers": []}, TypeError, r"takes inputs=, outputs= and optionally name=.*Received: keyword arguments"),
 ])
