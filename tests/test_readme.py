@@ -1,0 +1,29 @@
+"""README's runnable examples run, and print what README says they print."""
+
+import os
+import re
+import subprocess
+import sys
+
+import helpers
+
+helpers.require_mode(eager=True)
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def example(section):
+    """The first ```python block after README's `## <section>` heading."""
+    with open(README) as handle:
+        text = handle.read()
+    start = text.index("\n## " + section)
+    return re.search(r"```python\n(.*?)```", text[start:], re.S).group(1)
+
+
+def test_the_distributed_training_example_runs_and_updates_once_per_window(tmp_path):
+    script = tmp_path / "distributed_example.py"
+    script.write_text(example("Distributed training"))
+    result = subprocess.run([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, universal_newlines=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "updates after each epoch: [2, 4]" in result.stdout, result.stdout[-3000:]
