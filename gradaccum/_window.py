@@ -15,6 +15,12 @@ The window also knows where the current epoch ends (when the route tells it)
 so that a partial window can be applied in the same step as the epoch's last
 micro-batch, before validation runs.
 
+Under a `tf.distribute` strategy (eager, in a replica's training step) the
+window's variables are per replica (sync-on-read): each replica adds its own
+gradients with no communication, and the replicas meet once, when the window
+is due, to run the update, whose all-reduce is the optimizer's own. So the
+gradients are all-reduced once per window, not once per micro-batch.
+
 Only TensorFlow ops that exist on TF 1.15 and TF 2.x are used; every method
 returns its op so that graph-mode callers can order them with control
 dependencies (in a `tf.function`, program order is kept automatically).
@@ -164,6 +170,14 @@ class Window(object):
         inside the `tf.cond` branch, so the inner optimizer is not called at
         all on the other micro-steps.
 
+        In a replica context of a `tf.distribute` strategy, a `tf.cond` here
+        could not hold the optimizer's all-reduce (a `merge_call` inside a
+        branch is refused). So the replicas meet in one `merge_call` per
+        micro-step, a thread barrier with no communication, and the `tf.cond`
+        runs there, in cross-replica context; its update branch runs
+        `apply` on every replica with `strategy.run`. Every replica counts
+        the same micro-batches, so replica 0's `due` is every replica's.
+
         Args:
             grads_and_vars: This micro-batch's (gradient, variable) pairs.
             batch_size: This micro-batch's weight (its number of samples).
@@ -279,7 +293,12 @@ def _name(var, what):
 
 def _variable(initial_value, name, dtype=None, aggregation=tf.VariableAggregation.SUM):
     # Resource variables on TF 1.x too: their reads are ordered by control
-    # dependencies, which the graph route relies on.
+    # dependencies, which the graph route relies on. Sync-on-read, so that
+    # under a strategy each replica keeps its own sums and counts and
+    # changing them communicates nothing (without a strategy this changes
+    # nothing). The window reads them only in replica context, where a read
+    # is the replica's own; the aggregation says what a cross-replica read
+    # would return (counters: replica 0's, which every replica shares).
     return tf.compat.v1.Variable(
         initial_value, dtype=dtype, trainable=False, name=name, use_resource=True,
         synchronization=tf.VariableSynchronization.ON_READ, aggregation=aggregation)

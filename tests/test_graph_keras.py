@@ -171,6 +171,22 @@ def test_an_accum_optimizer_inside_an_accumulating_model_is_refused():
         model.fit(x, y, batch_size=8, verbose=0)
 
 
+@pytest.mark.skipif(not hasattr(getattr(keras, "mixed_precision", None), "set_global_policy"),
+                    reason="this Keras has no mixed_precision.set_global_policy")
+def test_mixed_precision_is_refused_in_graph_mode():
+    # Loss scaling per micro-batch is built into the eager training steps only.
+    x, y = helpers.data(16)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = accumulate(helpers.functional_mlp(), 2)
+        model.compile(optimizer=legacy.SGD(0.1), loss="mse")  # wrapped in a LossScaleOptimizer
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    with pytest.raises(NotImplementedError, match=r"LossScaleOptimizer.*not in graph mode.*"
+                                                  r"Received: optimizer=LossScaleOptimizer"):
+        model.fit(x, y, batch_size=8, verbose=0)
+
+
 def test_a_strategy_is_refused_in_graph_mode():
     # Graph-mode Keras trains under a strategy with a loop of its own that
     # would train this model plain: refused at fit.
