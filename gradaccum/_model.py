@@ -218,7 +218,9 @@ class Accumulating(object):
     def _accum_flush_now(self):
         window = self._accum_window
         if int(window.count.numpy()) > 0:
-            window.apply(self.optimizer.apply_gradients)
+            # In each replica, as in the training step: under a strategy a
+            # Keras 2 optimizer refuses to apply in cross-replica context.
+            strategy_of(self).run(lambda: window.apply(self.optimizer.apply_gradients))
 
     def _accum_set(self, pairs):
         """Assigns (variable, value) pairs outside the training function."""

@@ -46,7 +46,7 @@ class CountingReduction(tf.distribute.ReductionToOneDevice):
         return super(CountingReduction, self).batch_reduce_implementation(*args, **kwargs)
 
 
-def train(initial, n, batch_size, make_optimizer, jit_compile):
+def train(initial, n, batch_size, make_optimizer, jit_compile, unknown_length=False):
     """(weights, optimizer steps, all-reduces run) of 2 epochs under a fresh MirroredStrategy."""
     reduction = CountingReduction()
     strategy = tf.distribute.MirroredStrategy(DEVICES, cross_device_ops=reduction)
@@ -56,7 +56,13 @@ def train(initial, n, batch_size, make_optimizer, jit_compile):
             model = accumulate(model, n)
         model.compile(make_optimizer(), "mse", **({"jit_compile": True} if jit_compile else {}))
     x, y = helpers.data()
-    model.fit(x, y, batch_size=batch_size, epochs=2, shuffle=False, verbose=0)
+    if unknown_length:
+        # A pipeline whose length fit cannot know: the last, partial window
+        # of each epoch is applied after the epoch, outside the training step.
+        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).filter(lambda *_: True)
+        model.fit(data, epochs=2, verbose=0)
+    else:
+        model.fit(x, y, batch_size=batch_size, epochs=2, shuffle=False, verbose=0)
     return helpers.weights_of(model), helpers.steps_of(model), int(reduction.runs.numpy())
 
 
@@ -95,3 +101,12 @@ def test_mirrored_matches_the_big_batch_and_all_reduces_once_per_update(optimize
         "per step".format(accumulated[2], accumulated[1], micro_steps, per_step))
     helpers.record("mirrored/{}/all-reduces accumulated vs plain".format(optimizer),
                    accumulated[2] / float(small[2]))
+
+
+def test_a_partial_window_after_an_epoch_of_unknown_length_is_applied_on_every_replica():
+    make_optimizer = OPTIMIZERS["momentum"]
+    initial = helpers.weights_of(helpers.functional_mlp())
+    accumulated = train(initial, N, GLOBAL_B, make_optimizer, False, unknown_length=True)
+    big = train(initial, None, N * GLOBAL_B, make_optimizer, False)
+    assert accumulated[1] == big[1] == 4
+    helpers.record("mirrored/unknown-length epochs", helpers.assert_same_training(initial, accumulated[0], big[0]))
