@@ -65,10 +65,11 @@ class _Keras2Training(_model.Accumulating):
         variables = self.trainable_variables
         grads = tape.gradient(scaled_loss, variables)
         if scaling:
-            grads = [None if grad is None else grad * n for grad in optimizer.get_unscaled_gradients(grads)]
+            grads = optimizer.get_unscaled_gradients(grads)
+        grads_and_vars = _model.multiplied(zip(grads, variables), n) if scaling else zip(grads, variables)
         with tf.init_scope():
             optimizer.iterations  # created outside the cond branch
-        self._accum_window.accumulate(zip(grads, variables), _model.batch_size(x), optimizer.apply_gradients)
+        self._accum_window.accumulate(grads_and_vars, _model.batch_size(x), optimizer.apply_gradients)
         return self._with_update_count(self._accum_metrics(x, y, y_pred, sample_weight))
 
     def _make_train_function(self):

@@ -62,10 +62,10 @@ class _Keras3Training(_model.Accumulating):
             stand_ins["scale_loss"] = lambda loss: scale_loss(loss / n)
 
             def unscale(pairs):
-                return _multiplied(pairs, n / scale)
+                return _model.multiplied(pairs, n / scale)
 
             def rescale(pairs):
-                return _multiplied(pairs, scale)
+                return _model.multiplied(pairs, scale)
 
         def accumulate_gradients(grads_and_vars):
             called.append(True)
@@ -82,18 +82,6 @@ class _Keras3Training(_model.Accumulating):
                 "which gradaccum stands in for to accumulate. Please report this with your "
                 "Keras version.".format(keras.__version__))
         return self._with_update_count(logs)
-
-
-def _multiplied(grads_and_vars, factor):
-    """(gradient * factor, variable) pairs; sparse gradients stay sparse."""
-    pairs = []
-    for grad, var in grads_and_vars:
-        if isinstance(grad, tf.IndexedSlices):
-            grad = tf.IndexedSlices(grad.values * tf.cast(factor, grad.dtype), grad.indices, grad.dense_shape)
-        elif grad is not None:
-            grad = grad * tf.cast(factor, grad.dtype)
-        pairs.append((grad, var))
-    return pairs
 
 
 def _method(obj, name):

@@ -105,6 +105,19 @@ def batch_size(x):
     return tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
 
 
+def multiplied(grads_and_vars, factor):
+    """(gradient * factor, variable) pairs; sparse gradients stay sparse, None stays None."""
+    pairs = []
+    for grad, var in grads_and_vars:
+        if isinstance(grad, tf.IndexedSlices):  # which has no `*`
+            grad = tf.IndexedSlices(grad.values * tf.cast(factor, grad.values.dtype), grad.indices,
+                                    grad.dense_shape)
+        elif grad is not None:
+            grad = grad * tf.cast(factor, grad.dtype)
+        pairs.append((grad, var))
+    return pairs
+
+
 def strategy_of(model):
     """The `tf.distribute` strategy `model` trains under (TF 1.x's Keras does not say)."""
     return getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()

@@ -98,7 +98,35 @@ def two_in_two_out_data():
     return inputs, targets
 
 
+def embedding_model(vocabulary=50):
+    tokens = keras.Input((4,), dtype="int32")
+    embedded = keras.layers.Embedding(vocabulary, 6)(tokens)
+    return keras.Model(tokens, keras.layers.Dense(3)(keras.layers.Flatten()(embedded)))
+
+
+def tokens(rows, repeated):
+    rng = np.random.RandomState(3)
+    if repeated:  # a vocabulary of 50: every big batch names some rows many times
+        return rng.randint(0, 50, size=(rows, 4)).astype("int32")
+    return rng.permutation(rows * 4).reshape(rows, 4).astype("int32")
+
+
 MODELS = {"functional": functional_mlp, "sequential": sequential_mlp, "subclassed": subclassed_mlp}
+
+
+# Fresh Keras optimizers by name, for the eager differential tests.
+OPTIMIZERS = {
+    "sgd": lambda: keras.optimizers.SGD(0.1),
+    "momentum": lambda: keras.optimizers.SGD(0.1, momentum=0.9),
+    "nesterov": lambda: keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
+    "adam": lambda: keras.optimizers.Adam(0.01),
+    "rmsprop": lambda: keras.optimizers.RMSprop(0.01),
+    "adagrad": lambda: keras.optimizers.Adagrad(0.1),
+    "adam-schedule": lambda: keras.optimizers.Adam(
+        keras.optimizers.schedules.ExponentialDecay(0.05, decay_steps=1, decay_rate=0.5)),
+}
+if hasattr(keras.optimizers, "AdamW"):  # Keras >= 2.11
+    OPTIMIZERS["adamw"] = lambda: keras.optimizers.AdamW(0.01, weight_decay=0.05)
 
 
 def steps_of(model):

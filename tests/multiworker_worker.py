@@ -19,7 +19,6 @@ import tensorflow as tf
 STRATEGY = tf.distribute.MultiWorkerMirroredStrategy()
 
 import helpers  # noqa: E402 - after the strategy, as TensorFlow requires
-from helpers import keras  # noqa: E402
 from gradaccum import accumulate  # noqa: E402
 
 
@@ -32,9 +31,7 @@ def main(workdir):
         model = helpers.fresh(helpers.functional_mlp, initial)
         if job["n"] is not None:  # None: plain training, to see what TensorFlow does alone
             model = accumulate(model, job["n"])
-        optimizer = keras.optimizers.SGD(0.1, momentum=0.9) if job["optimizer"] == "momentum" \
-            else keras.optimizers.Adam(0.01)
-        model.compile(optimizer, "mse", **({"jit_compile": True} if job["jit_compile"] else {}))
+        model.compile(helpers.OPTIMIZERS[job["optimizer"]](), "mse", **({"jit_compile": True} if job["jit_compile"] else {}))
     model.fit(x, y, batch_size=job["global_batch_size"], epochs=job["epochs"], shuffle=False, verbose=0)
     index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
     weights = helpers.weights_of(model)

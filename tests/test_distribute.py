@@ -10,7 +10,6 @@ import pytest
 import tensorflow as tf
 
 import helpers
-from helpers import keras
 from gradaccum import accumulate
 
 helpers.require_mode(eager=True)
@@ -19,10 +18,7 @@ N = 4
 GLOBAL_B = 16  # 8 samples per replica; 96 samples: windows of 4 and 2 micro-batches per epoch
 DEVICES = ["/cpu:0", "/cpu:1"]
 
-OPTIMIZERS = {
-    "momentum": lambda: keras.optimizers.SGD(0.1, momentum=0.9),
-    "adam": lambda: keras.optimizers.Adam(0.01),
-}
+OPTIMIZERS = {name: helpers.OPTIMIZERS[name] for name in ("momentum", "adam")}
 
 
 class CountingReduction(tf.distribute.ReductionToOneDevice):

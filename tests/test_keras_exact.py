@@ -16,18 +16,7 @@ helpers.require_mode(eager=True)
 
 N, B = 4, 8
 
-OPTIMIZERS = {
-    "sgd": lambda: keras.optimizers.SGD(0.1),
-    "momentum": lambda: keras.optimizers.SGD(0.1, momentum=0.9),
-    "nesterov": lambda: keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
-    "adam": lambda: keras.optimizers.Adam(0.01),
-    "rmsprop": lambda: keras.optimizers.RMSprop(0.01),
-    "adagrad": lambda: keras.optimizers.Adagrad(0.1),
-    "adam-schedule": lambda: keras.optimizers.Adam(
-        keras.optimizers.schedules.ExponentialDecay(0.05, decay_steps=1, decay_rate=0.5)),
-}
-if hasattr(keras.optimizers, "AdamW"):  # Keras >= 2.11
-    OPTIMIZERS["adamw"] = lambda: keras.optimizers.AdamW(0.01, weight_decay=0.05)
+OPTIMIZERS = helpers.OPTIMIZERS
 
 
 def train(model, x, y, batch_size, optimizer, epochs=2, loss="mse", compile_kwargs=None, **fit_kwargs):
@@ -95,19 +84,6 @@ def test_model_kinds_match_big_batch(kind):
     compare(helpers.MODELS[kind], OPTIMIZERS["adam"], x, y, "model/" + kind)
 
 
-def embedding_model(vocabulary=50):
-    tokens = keras.Input((4,), dtype="int32")
-    embedded = keras.layers.Embedding(vocabulary, 6)(tokens)
-    return keras.Model(tokens, keras.layers.Dense(3)(keras.layers.Flatten()(embedded)))
-
-
-def tokens(rows, repeated):
-    rng = np.random.RandomState(3)
-    if repeated:  # a vocabulary of 50: every big batch names some rows many times
-        return rng.randint(0, 50, size=(rows, 4)).astype("int32")
-    return rng.permutation(rows * 4).reshape(rows, 4).astype("int32")
-
-
 @pytest.mark.parametrize("repeated", [False, True], ids=["distinct-rows", "repeated-rows"])
 @pytest.mark.parametrize("optimizer", ["momentum", "adam", "rmsprop"])
 def test_embedding_sparse_gradients_match_big_batch(optimizer, repeated, request):
@@ -121,8 +97,8 @@ def test_embedding_sparse_gradients_match_big_batch(optimizer, repeated, request
         # identical dense gradient, not Keras 3's per-occurrence arithmetic.
         request.applymarker(pytest.mark.xfail(strict=True, reason="Keras 3 squares repeated sparse rows separately"))
     _, y = helpers.data()
-    x = tokens(len(y), repeated)
-    compare(lambda: embedding_model(vocabulary=len(y) * 4), OPTIMIZERS[optimizer], x, y,
+    x = helpers.tokens(len(y), repeated)
+    compare(lambda: helpers.embedding_model(vocabulary=len(y) * 4), OPTIMIZERS[optimizer], x, y,
             "sparse/{}/{}".format(optimizer, "repeated" if repeated else "distinct"))
 
 

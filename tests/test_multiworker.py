@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 import helpers
-from helpers import keras
 
 helpers.require_mode(eager=True)
 
@@ -26,10 +25,7 @@ GLOBAL_B = 16  # 8 per worker
 WORKERS = 2
 TIMEOUT_S = 300
 WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiworker_worker.py")
-OPTIMIZERS = {
-    "momentum": lambda: keras.optimizers.SGD(0.1, momentum=0.9),
-    "adam": lambda: keras.optimizers.Adam(0.01),
-}
+OPTIMIZERS = {name: helpers.OPTIMIZERS[name] for name in ("momentum", "adam")}
 
 
 def free_loopback_ports(count):
