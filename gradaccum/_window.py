@@ -191,8 +191,8 @@ class Window(object):
         self.build([var for grad, var in grads_and_vars if grad is not None])
         with tf.control_dependencies([self.add(grads_and_vars, batch_size)]):
             due = self.due()
-        replica = tf.distribute.get_replica_context()
-        if replica is None or not tf.distribute.has_strategy():
+        replica = _strategy_replica()
+        if replica is None:
             return tf.cond(due, lambda: self.apply(apply_fn), lambda: tf.constant(False))
 
         def update_if_due(strategy, due):
@@ -255,6 +255,12 @@ class Window(object):
         return self._rows[key]
 
 
+def _strategy_replica():
+    """The replica context when in a `tf.distribute` strategy's replica step, else None."""
+    replica = tf.distribute.get_replica_context()
+    return replica if replica is not None and tf.distribute.has_strategy() else None
+
+
 def _create_variables(create):
     """Runs `create()`, which makes variables, where variables belong.
 
@@ -264,8 +270,8 @@ def _create_variables(create):
     scope. In a replica's training step the replicas meet in `merge_call`
     and the variables are created once, for all of them.
     """
-    replica = tf.distribute.get_replica_context()
-    if replica is not None and tf.distribute.has_strategy():
+    replica = _strategy_replica()
+    if replica is not None:
         replica.merge_call(lambda strategy: _create_variables(create))
         return
     # (Read before init_scope: the strategy is not in force outside the trace.)
