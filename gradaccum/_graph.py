@@ -20,14 +20,14 @@ Two users of that op live here: `AccumOptimizer`, which wraps any
 import tensorflow as tf
 
 from ._compat import executing_eagerly
-from ._window import Window, check_n
+from ._window import Window
 
 _V1Optimizer = tf.compat.v1.train.Optimizer
 
 
-def pending_apply(window, apply_fn):
-    """The op that applies a non-empty window now (a partial one at an epoch's end)."""
-    return tf.cond(window.count > 0, lambda: window.apply(apply_fn), lambda: tf.constant(False))
+def wrap(optimizer, n, micro_batch_size=None, name="AccumOptimizer"):
+    """The AccumOptimizer of a `tf.compat.v1.train` optimizer (see `gradaccum.AccumOptimizer`)."""
+    return AccumOptimizer(optimizer, n, micro_batch_size=micro_batch_size, name=name)
 
 
 class AccumOptimizer(_V1Optimizer):
@@ -61,20 +61,10 @@ class AccumOptimizer(_V1Optimizer):
     """
 
     def __init__(self, optimizer, n, micro_batch_size=None, name="AccumOptimizer"):
-        if not isinstance(optimizer, _V1Optimizer):
-            raise TypeError(
-                "AccumOptimizer: optimizer must be a tf.compat.v1.train.Optimizer (e.g. "
-                "tf.compat.v1.train.AdamOptimizer(1e-3)); for a Keras optimizer use "
-                "gradaccum.accumulate(model, n). Received: optimizer={!r} of type {}".format(
-                    optimizer, type(optimizer).__module__ + "." + type(optimizer).__name__))
-        if isinstance(optimizer, AccumOptimizer):
-            raise ValueError(
-                "AccumOptimizer: the optimizer already accumulates (n={}); wrapping it "
-                "again would multiply the windows. Received: optimizer={!r}".format(
-                    optimizer.n, optimizer))
+        # gradaccum.AccumOptimizer checked the arguments.
         super(AccumOptimizer, self).__init__(use_locking=False, name=name)
         self._optimizer = optimizer
-        self._n = check_n(n, "AccumOptimizer")
+        self._n = n
         self._micro_batch_size = micro_batch_size
         self._windows = []
 
@@ -103,7 +93,8 @@ class AccumOptimizer(_V1Optimizer):
             raise RuntimeError(
                 "AccumOptimizer: builds its accumulation into a graph, run once per "
                 "micro-batch by a Session; it is not for eager execution or tf.function. "
-                "For Keras models in eager mode use gradaccum.accumulate(model, n). "
+                "In eager mode wrap a Keras optimizer (gradaccum.AccumOptimizer("
+                "keras.optimizers.Adam(), n)) or use gradaccum.accumulate(model, n). "
                 "Received: a call with eager execution enabled")
         if tf.distribute.has_strategy():
             raise NotImplementedError(
@@ -190,7 +181,7 @@ def keras_updates(optimizer, window, loss, params, batch_size):
     with tf.init_scope():
         optimizer.iterations  # created outside the update branch
     train_update = window.accumulate(grads_and_vars, batch_size, apply_fn)
-    return train_update, pending_apply(window, apply_fn)
+    return train_update, window.flush(apply_fn)
 
 
 def _refuse_clipping(optimizer):

@@ -53,23 +53,24 @@ class _Keras2Training(_model.Accumulating):
         if self._accum_n == 1:
             return self._with_update_count(super(_Keras2Training, self).train_step(data))
         optimizer = self.optimizer
-        # Mixed precision (see _model.MIXED_PRECISION): the loss is scaled by
+        _model.refuse_accumulating_optimizer(optimizer, self._accum_n)
+        window = self._accum_window
+        # Mixed precision (see Window.scale_loss): the loss is scaled by
         # scale / n, and the gradients unscaled before they are added.
         scaling = isinstance(optimizer, _compat.loss_scale_optimizer_classes(keras))
-        n = self._accum_n
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             loss = self._accum_loss(x, y, y_pred, sample_weight)
-            scaled_loss = optimizer.get_scaled_loss(loss / n) if scaling else loss
+            if scaling:
+                loss = window.scale_loss(loss, optimizer.get_scaled_loss)
         variables = self.trainable_variables
-        grads = tape.gradient(scaled_loss, variables)
+        grads_and_vars = zip(tape.gradient(loss, variables), variables)
         if scaling:
-            grads = optimizer.get_unscaled_gradients(grads)
-        grads_and_vars = _model.multiplied(zip(grads, variables), n) if scaling else zip(grads, variables)
+            grads_and_vars = window.unscale(grads_and_vars, unscale_fn=optimizer.get_unscaled_gradients)
         with tf.init_scope():
             optimizer.iterations  # created outside the cond branch
-        self._accum_window.accumulate(grads_and_vars, _model.batch_size(x), optimizer.apply_gradients)
+        window.accumulate(grads_and_vars, _model.batch_size(x), optimizer.apply_gradients)
         return self._with_update_count(self._accum_metrics(x, y, y_pred, sample_weight))
 
     def _make_train_function(self):

@@ -21,6 +21,7 @@ import threading
 import tensorflow as tf
 
 from . import _compat, _model
+from ._window import multiplied
 
 keras = _compat.keras3_module()
 
@@ -40,8 +41,8 @@ class _Keras3Training(_model.Accumulating):
             return self._with_update_count(super(_Keras3Training, self).train_step(data))
         optimizer = self.optimizer
         _check_optimizer(optimizer)
+        _model.refuse_accumulating_optimizer(optimizer, self._accum_n)
         window = self._accum_window
-        n = self._accum_n
         # The class's methods: another replica's thread may be standing in now.
         apply_gradients = _method(optimizer, "apply_gradients")
         x = keras.utils.unpack_x_y_sample_weight(data)[0]
@@ -49,26 +50,31 @@ class _Keras3Training(_model.Accumulating):
         stand_ins = {}
         unscale = rescale = list
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            # Mixed precision (see _model.MIXED_PRECISION): each micro-batch's
-            # loss is scaled by scale / n, so that its float16 gradients have
-            # the big batch's magnitudes, and the gradients are unscaled
-            # before they are added. The mean is handed back scaled by the
-            # scale, which is what the LossScaleOptimizer's apply expects.
+            # Mixed precision (see Window.scale_loss): each micro-batch's loss
+            # is scaled by scale / n, so that its float16 gradients have the
+            # big batch's magnitudes, and the gradients are unscaled before
+            # they are added. The mean is handed back scaled by the scale,
+            # which is what the LossScaleOptimizer's apply expects.
             if not optimizer.built:
                 with tf.init_scope():
                     optimizer.build(self.trainable_variables)
             scale = optimizer.dynamic_scale
             scale_loss = _method(optimizer, "scale_loss")
-            stand_ins["scale_loss"] = lambda loss: scale_loss(loss / n)
+
+            def scale_micro_batch_loss(loss):
+                called.append("scale_loss")
+                return window.scale_loss(loss, scale_loss)
+
+            stand_ins["scale_loss"] = scale_micro_batch_loss
 
             def unscale(pairs):
-                return _model.multiplied(pairs, n / scale)
+                return window.unscale(pairs, scale)
 
             def rescale(pairs):
-                return _model.multiplied(pairs, scale)
+                return multiplied(pairs, scale)
 
         def accumulate_gradients(grads_and_vars):
-            called.append(True)
+            called.append("apply_gradients")
             return window.accumulate(
                 unscale(grads_and_vars), _model.batch_size(x),
                 lambda mean: apply_gradients(rescale(mean)))
@@ -76,11 +82,15 @@ class _Keras3Training(_model.Accumulating):
         stand_ins["apply_gradients"] = accumulate_gradients
         with _STAND_INS.standing_in(optimizer, stand_ins):
             logs = super(_Keras3Training, self).train_step(data)
-        if not called:
+        missing = [name for name in stand_ins if name not in called]
+        if missing:
+            # Without its stand-in the step would apply every micro-batch
+            # (apply_gradients) or scale float16 gradients n times too large
+            # (scale_loss): refuse rather than train wrong.
             raise RuntimeError(
-                "accumulate: Keras {}'s train_step did not call optimizer.apply_gradients, "
-                "which gradaccum stands in for to accumulate. Please report this with your "
-                "Keras version.".format(keras.__version__))
+                "accumulate: Keras {}'s train_step did not call optimizer.{}, which gradaccum "
+                "stands in for to accumulate. Please report this with your Keras "
+                "version.".format(keras.__version__, " or optimizer.".join(missing)))
         return self._with_update_count(logs)
 
 

@@ -25,6 +25,7 @@ import math
 import tensorflow as tf
 
 from ._compat import loss_scale_optimizer_classes
+from ._optimizer import AccumulatingOptimizer
 from ._window import APPLY, Window
 
 # The hooks that Keras' default training step calls on the model. A model
@@ -105,22 +106,22 @@ def batch_size(x):
     return tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
 
 
-def multiplied(grads_and_vars, factor):
-    """(gradient * factor, variable) pairs; sparse gradients stay sparse, None stays None."""
-    pairs = []
-    for grad, var in grads_and_vars:
-        if isinstance(grad, tf.IndexedSlices):  # which has no `*`
-            grad = tf.IndexedSlices(grad.values * tf.cast(factor, grad.values.dtype), grad.indices,
-                                    grad.dense_shape)
-        elif grad is not None:
-            grad = grad * tf.cast(factor, grad.dtype)
-        pairs.append((grad, var))
-    return pairs
-
-
 def strategy_of(model):
     """The `tf.distribute` strategy `model` trains under (TF 1.x's Keras does not say)."""
     return getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
+
+
+def refuse_accumulating_optimizer(optimizer, n):
+    """Raises if the model's optimizer accumulates too: the windows would multiply."""
+    inner = getattr(optimizer, "inner_optimizer", None)  # inside a LossScaleOptimizer
+    for candidate in (optimizer, inner):
+        if isinstance(candidate, AccumulatingOptimizer):
+            raise ValueError(
+                "accumulate: the model's optimizer is an AccumOptimizer (n={}), and the model "
+                "accumulates already (n={}): the windows would multiply. Compile the model "
+                "that accumulate() returns with the optimizer the AccumOptimizer wraps, or "
+                "compile the original model with the AccumOptimizer. Received: optimizer={}"
+                .format(candidate.n, n, type(candidate).__name__))
 
 
 def refuse_loss_scaling(optimizer, keras):
@@ -132,20 +133,6 @@ def refuse_loss_scaling(optimizer, keras):
             "policy wraps one around your optimizer) is supported in eager mode (TF 2), "
             "not in graph mode. Received: optimizer={} with eager execution disabled".format(
                 type(optimizer).__name__))
-
-
-# MIXED_PRECISION: how both Keras routes train with a LossScaleOptimizer.
-# Each micro-batch's loss is scaled by scale / n rather than by the scale: a
-# micro-batch's mean loss weighs each sample n times more than the big batch's
-# mean does, so with the plain scale its float16 gradients would be n times
-# larger than the big batch's, and overflow where the big batch's do not. The
-# gradients are unscaled (times n / scale) before they are added to the float32
-# accumulators. The loss scale cannot change within a window: only the
-# LossScaleOptimizer's update changes it, and that runs once per window, on the
-# window's mean, where it checks finiteness once and skips the whole update
-# (halving the scale once) if any micro-batch overflowed, as the big batch's
-# step would be skipped. The scale and n are powers of two in the usual case, so
-# the scaling and unscaling are exact.
 
 
 def register_bare_names(keras, classes):

@@ -26,8 +26,6 @@ returns its op so that graph-mode callers can order them with control
 dependencies (in a `tf.function`, program order is kept automatically).
 """
 
-import numbers
-
 import tensorflow as tf
 
 from ._compat import variable_key
@@ -40,46 +38,44 @@ APPLY = "apply"
 CARRY = "carry"
 EPOCH_END_CHOICES = (APPLY, CARRY)
 
-
-def check_n(n, caller):
-    """`n` as an int, or a clear error naming `caller` and what it received."""
-    # bool is an int subclass, but accumulate(model, True) is surely a mistake.
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-        raise TypeError(
-            "{}: n must be an integer >= 1 (micro-batches per update). "
-            "Received: n={!r} of type {}".format(caller, n, type(n).__name__))
-    if n < 1:
-        raise ValueError(
-            "{}: n must be an integer >= 1 (micro-batches per update). "
-            "Received: n={!r}".format(caller, n))
-    return int(n)
-
-
-def check_epoch_end(epoch_end, caller):
-    if epoch_end not in EPOCH_END_CHOICES:
-        raise ValueError("{}: epoch_end must be one of {}. Received: epoch_end={!r}".format(
-            caller, EPOCH_END_CHOICES, epoch_end))
-    return epoch_end
+# How the window's gradients are combined: their size-weighted mean (the big
+# batch's gradient), or their weighted sum (gradient-accumulator's
+# reduction="SUM", kept for code migrating from it).
+MEAN = "mean"
+SUM = "sum"
+REDUCTIONS = (MEAN, SUM)
 
 
 class Window(object):
     """Weighted gradient sums and counters between two updates.
 
     The variables are created lazily, under `tf.init_scope`, so a route may
-    call `build` from inside the first trace of its training function. They
-    are deliberately not tracked by Keras: they are training machinery, not
-    model weights, so `get_weights()` and saved weights do not contain them.
+    call `build` from inside the first trace of its training function. Keras
+    does not track them: they are training machinery, not model weights, so
+    `get_weights()` and saved weights do not contain them. `state` holds them
+    under stable names, for an owner that wants them in its checkpoints (the
+    optimizer wrapper does; a model keeps the Window as a plain attribute).
+
+    Args:
+        n: Micro-batches per update.
+        reduction: MEAN (the size-weighted mean, exact against the big batch)
+            or SUM (the weighted sum).
     """
 
-    def __init__(self, n):
+    def __init__(self, n, reduction=MEAN):
         self.n = n
+        self.reduction = reduction
+        self.state = _State()
         self._sums = {}  # variable_key(var) -> accumulator variable
         self._rows = {}  # variable_key(var) -> rows touched by sparse gradients
         self.count = None  # micro-batches in the open window
         self.weight = None  # samples in the open window
         self.epoch_step = None  # micro-batches seen in this epoch
         self.epoch_steps = None  # micro-batches in this epoch, -1 if unknown
-        self.variables = []  # variables that received a gradient, in order
+        # Every variable that has an accumulator, in the order they came. The
+        # mean covers all of them: a variable whose gradient is None in one
+        # micro-batch of a window but not in another keeps its sum.
+        self.variables = []
 
     @property
     def built(self):
@@ -87,26 +83,29 @@ class Window(object):
 
     def build(self, variables=()):
         """Creates the counters, and one accumulator per variable (idempotent)."""
-        missing = [var for var in variables if variable_key(var) not in self._sums]
+        missing = []
+        for var in variables:
+            if variable_key(var) not in self._sums and all(var is not other for other in missing):
+                missing.append(var)
         if self.count is not None and not missing:
             return
 
         def create():
             if self.count is None:
-                self.count = _counter("gradaccum/count", tf.int64, 0)
-                self.weight = _variable(0.0, "gradaccum/weight", tf.float32)
-                self.epoch_step = _counter("gradaccum/epoch_step", tf.int64, 0)
-                self.epoch_steps = _counter("gradaccum/epoch_steps", tf.int64, -1)
+                self.count = self._track("count", _counter("gradaccum/count", tf.int64, 0))
+                self.weight = self._track("weight", _variable(0.0, "gradaccum/weight", tf.float32))
+                self.epoch_step = self._track("epoch_step", _counter("gradaccum/epoch_step", tf.int64, 0))
+                self.epoch_steps = self._track("epoch_steps", _counter("gradaccum/epoch_steps", tf.int64, -1))
             for var in missing:
-                self._sums[variable_key(var)] = _variable(
-                    tf.zeros(var.shape, _accumulator_dtype(var)), _name(var, "sum"))
+                self._sums[variable_key(var)] = self._track(
+                    _name(var, "sum"),
+                    _variable(tf.zeros(var.shape, _accumulator_dtype(var)), _name(var, "sum")))
+                self.variables.append(var)
 
         _create_variables(create)
 
     def add(self, grads_and_vars, batch_size):
         """Adds one micro-batch: sum += batch_size * grad, count += 1."""
-        grads_and_vars = list(grads_and_vars)
-        self.variables = [var for grad, var in grads_and_vars if grad is not None]
         weight = tf.cast(batch_size, tf.float32)
         updates = []
         for grad, var in grads_and_vars:
@@ -145,9 +144,13 @@ class Window(object):
 
         A variable that got sparse gradients gets a sparse mean over the rows
         the window touched: optimizers such as momentum and RMSProp update only
-        the rows a sparse gradient names, and so does the big batch.
+        the rows a sparse gradient names, and so does the big batch. A window
+        of no samples (a replica that got none) has a zero mean, not 0/0.
         """
-        inverse = 1.0 / self.weight
+        if self.reduction == SUM:
+            inverse = tf.constant(1.0)
+        else:
+            inverse = tf.math.divide_no_nan(tf.constant(1.0), self.weight)
         pairs = []
         for var in self.variables:
             total = self._sums[variable_key(var)]
@@ -170,14 +173,6 @@ class Window(object):
         inside the `tf.cond` branch, so the inner optimizer is not called at
         all on the other micro-steps.
 
-        In a replica context of a `tf.distribute` strategy, a `tf.cond` here
-        could not hold the optimizer's all-reduce (a `merge_call` inside a
-        branch is refused). So the replicas meet in one `merge_call` per
-        micro-step, a thread barrier with no communication, and the `tf.cond`
-        runs there, in cross-replica context; its update branch runs
-        `apply` on every replica with `strategy.run`. Every replica counts
-        the same micro-batches, so replica 0's `due` is every replica's.
-
         Args:
             grads_and_vars: This micro-batch's (gradient, variable) pairs.
             batch_size: This micro-batch's weight (its number of samples).
@@ -191,18 +186,54 @@ class Window(object):
         self.build([var for grad, var in grads_and_vars if grad is not None])
         with tf.control_dependencies([self.add(grads_and_vars, batch_size)]):
             due = self.due()
+        return self._apply_if(due, apply_fn)
+
+    def flush(self, apply_fn):
+        """Applies the open window now if it holds a micro-batch (the end of the data).
+
+        Callable eagerly, in a `tf.function`, in a graph, or in a strategy's
+        replica step (`strategy.run`), where the replicas update together as
+        in the training step.
+
+        Returns:
+            A boolean tensor: whether an update was applied.
+        """
+        if not self.built:
+            return tf.constant(False)
+        if tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context():
+            # Tried here, a window applied from the cross-replica context
+            # updated by the mean of the replicas' means, not their sum: refuse
+            # rather than train wrong (see README, "Custom training loops").
+            raise NotImplementedError(
+                "flush: under a tf.distribute strategy, call it inside strategy.run (in "
+                "your replica step), not in the strategy's scope. Received: a call in "
+                "cross-replica context of {}".format(type(tf.distribute.get_strategy()).__name__))
+        return self._apply_if(self.count > 0, apply_fn)
+
+    def _apply_if(self, condition, apply_fn):
+        """`self.apply(apply_fn)` where `condition` holds, in a `tf.cond`.
+
+        In a replica context of a `tf.distribute` strategy, a `tf.cond` here
+        could not hold the optimizer's all-reduce (a `merge_call` inside a
+        branch is refused). So the replicas meet in one `merge_call`, a thread
+        barrier with no communication, and the `tf.cond` runs there, in
+        cross-replica context; its update branch runs `apply` on every replica
+        with `strategy.run`. Every replica counts the same micro-batches, so
+        replica 0's condition is every replica's.
+        """
         replica = _strategy_replica()
         if replica is None:
-            return tf.cond(due, lambda: self.apply(apply_fn), lambda: tf.constant(False))
+            return tf.cond(condition, lambda: self.apply(apply_fn), lambda: tf.constant(False))
 
-        def update_if_due(strategy, due):
+        def apply_if(strategy, condition):
             def update():
                 applied = strategy.run(self.apply, args=(apply_fn,))
                 with tf.control_dependencies(strategy.experimental_local_results(applied)):
                     return tf.constant(True)
-            return tf.cond(strategy.experimental_local_results(due)[0], update, lambda: tf.constant(False))
+            return tf.cond(strategy.experimental_local_results(condition)[0], update,
+                           lambda: tf.constant(False))
 
-        return replica.merge_call(update_if_due, args=(due,))
+        return replica.merge_call(apply_if, args=(condition,))
 
     def apply(self, apply_fn):
         """Applies the window's mean with `apply_fn`, then empties the window.
@@ -225,6 +256,36 @@ class Window(object):
         updates.append(self.weight.assign(0.0))
         updates.append(self.count.assign(0))
         return tf.group(*updates)
+
+    # Mixed precision: how a route trains with a loss scale (Keras'
+    # LossScaleOptimizer). Each micro-batch's loss is scaled by scale / n
+    # rather than by the scale: a micro-batch's mean loss weighs each sample n
+    # times more than the big batch's mean does, so with the plain scale its
+    # float16 gradients would be n times larger than the big batch's, and
+    # overflow where the big batch's do not. The gradients are unscaled
+    # (times n / scale) before they are added to the float32 accumulators.
+    # The loss scale cannot change within a window: only the
+    # LossScaleOptimizer's update changes it, and that runs once per window,
+    # on the window's mean, where it checks finiteness once and skips the
+    # whole update (halving the scale once) if any micro-batch overflowed, as
+    # the big batch's step would be skipped. The scale and n are powers of
+    # two in the usual case, so the scaling and unscaling are exact.
+
+    def scale_loss(self, loss, scale_loss_fn):
+        """The micro-batch's loss, scaled by `scale_loss_fn` (the loss scale) divided by n."""
+        return scale_loss_fn(loss / tf.cast(self.n, loss.dtype))
+
+    def unscale(self, grads_and_vars, scale=None, unscale_fn=None):
+        """Gradients of a loss scaled by `scale_loss`, unscaled: times n / scale.
+
+        Give the loss scale, or the optimizer's own `unscale_fn` (Keras 2's
+        `get_unscaled_gradients`, which records that it was called).
+        """
+        if unscale_fn is None:
+            return multiplied(grads_and_vars, tf.cast(self.n, tf.float32) / tf.cast(scale, tf.float32))
+        grads_and_vars = list(grads_and_vars)
+        grads = unscale_fn([grad for grad, _ in grads_and_vars])
+        return multiplied(zip(grads, [var for _, var in grads_and_vars]), self.n)
 
     def all_variables(self):
         """Every variable the window created (counters, sums, row markers)."""
@@ -250,9 +311,46 @@ class Window(object):
         key = variable_key(var)
         if key not in self._rows:
             def create():
-                self._rows[key] = _variable(tf.zeros(var.shape[:1], tf.int32), _name(var, "rows"))
+                self._rows[key] = self._track(_name(var, "rows"), _variable(
+                    tf.zeros(var.shape[:1], tf.int32), _name(var, "rows")))
             _create_variables(create)
         return self._rows[key]
+
+    def _track(self, name, variable):
+        # A second variable of the same name (two unnamed tf.Variables, say)
+        # is told apart by the order it came in.
+        key, suffix = name, 1
+        while key in self.state.by_name:
+            key, suffix = "{}_{}".format(name, suffix), suffix + 1
+        self.state.by_name[key] = variable
+        return variable
+
+
+class _State(tf.Module):
+    """The window's variables by name, for checkpoints of the object that owns the window.
+
+    A dict attribute of a `tf.Module` is tracked item by item, so
+    `tf.train.Checkpoint` saves each variable under its name, and restores a
+    variable created after `restore()` (deferred restoration): a wrapper
+    restored before its first step gets its open window back then.
+    """
+
+    def __init__(self):
+        super(_State, self).__init__(name="gradaccum")
+        self.by_name = {}
+
+
+def multiplied(grads_and_vars, factor):
+    """(gradient * factor, variable) pairs; sparse gradients stay sparse, None stays None."""
+    pairs = []
+    for grad, var in grads_and_vars:
+        if isinstance(grad, tf.IndexedSlices):  # which has no `*`
+            grad = tf.IndexedSlices(grad.values * tf.cast(factor, grad.values.dtype), grad.indices,
+                                    grad.dense_shape)
+        elif grad is not None:
+            grad = grad * tf.cast(factor, grad.dtype)
+        pairs.append((grad, var))
+    return pairs
 
 
 def _strategy_replica():

@@ -1,0 +1,229 @@
+"""`Window` on its own: the accumulation arithmetic in small closed-form cases.
+
+No Keras models: plain variables, and an `apply_fn` that records the
+(gradient, variable) pairs it is handed. Every expected number is computed
+independently with numpy, as optax's `_accumulation_test.py` tests
+`MultiSteps`; these pin down what a differential test can only report as
+"off by 1e-2".
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import helpers
+from gradaccum._compat import variable_key
+from gradaccum._window import SUM, Window
+
+helpers.require_mode(eager=True)
+
+
+class Recorder(object):
+    """An apply_fn that keeps, per call, {variable name: numpy gradient or (indices, values, shape)}."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, pairs):
+        call = {}
+        for grad, var in pairs:
+            if isinstance(grad, tf.IndexedSlices):
+                call[var.name] = ("sparse", grad.indices.numpy(), grad.values.numpy(),
+                                  tf.convert_to_tensor(grad.dense_shape).numpy())
+            else:
+                call[var.name] = tf.convert_to_tensor(grad).numpy()
+        self.calls.append(call)
+
+
+def variable(name, shape, dtype=tf.float32):
+    return tf.Variable(tf.zeros(shape, dtype), name=name)
+
+
+def gradients(shape, count, seed=0):
+    rng = np.random.RandomState(seed)
+    return [rng.normal(size=shape).astype("float32") for _ in range(count)]
+
+
+def weighted_mean(grads, sizes):
+    """sum_k b_k g_k / sum_k b_k, in float64."""
+    total = sum(np.float64(b) * g.astype("float64") for g, b in zip(grads, sizes))
+    return total / float(sum(sizes))
+
+
+def test_weighted_mean_over_micro_batches_of_8_8_3_6_is_applied_once_on_the_4th_call():
+    v = variable("v", (2, 3))
+    sizes = [8, 8, 3, 6]
+    grads = gradients((2, 3), 4)
+    window, recorder = Window(4), Recorder()
+    applied = [bool(window.accumulate([(tf.constant(g), v)], b, recorder).numpy())
+               for g, b in zip(grads, sizes)]
+    assert applied == [False, False, False, True]
+    assert len(recorder.calls) == 1
+    np.testing.assert_allclose(recorder.calls[0]["v:0"], weighted_mean(grads, sizes), rtol=1e-6, atol=1e-7)
+    # 25 samples, not 4 micro-batches and not 32 (4 * 8): the mean of the big batch.
+    assert not np.allclose(recorder.calls[0]["v:0"], np.mean(grads, axis=0), rtol=1e-3)
+    assert int(window.count.numpy()) == 0 and float(window.weight.numpy()) == 0.0
+    np.testing.assert_array_equal(window._sums[variable_key(v)].numpy(), np.zeros((2, 3), "float32"))
+    # The next window starts from nothing.
+    for g, b in zip(grads[:2], [1, 3]):
+        window.accumulate([(tf.constant(g), v)], b, recorder)
+    for g, b in zip(grads[2:], [1, 1]):
+        window.accumulate([(tf.constant(g), v)], b, recorder)
+    assert len(recorder.calls) == 2
+    np.testing.assert_allclose(recorder.calls[1]["v:0"], weighted_mean(grads, [1, 3, 1, 1]), rtol=1e-6, atol=1e-7)
+
+
+def test_sparse_gradients_give_a_sparse_mean_over_exactly_the_touched_rows():
+    embedding = variable("embedding", (10, 3))
+    first = np.arange(1, 7, dtype="float32").reshape(2, 3)  # rows 1, 3
+    second = -np.arange(1, 7, dtype="float32").reshape(2, 3) / 4  # rows 3, 7
+    window, recorder = Window(2), Recorder()
+    window.accumulate([(tf.IndexedSlices(tf.constant(first), tf.constant([1, 3], tf.int64),
+                                         tf.constant([10, 3], tf.int64)), embedding)], 4, recorder)
+    window.accumulate([(tf.IndexedSlices(tf.constant(second), tf.constant([3, 7], tf.int64),
+                                         tf.constant([10, 3], tf.int64)), embedding)], 2, recorder)
+    assert len(recorder.calls) == 1
+    kind, indices, values, shape = recorder.calls[0]["embedding:0"]
+    assert kind == "sparse"
+    np.testing.assert_array_equal(indices, [1, 3, 7])
+    np.testing.assert_array_equal(shape, [10, 3])
+    expected = np.stack([4 * first[0], 4 * first[1] + 2 * second[0], 2 * second[1]]) / 6.0
+    np.testing.assert_allclose(values, expected, rtol=1e-6)
+    # The row markers are emptied with the sums: the next window names only its own rows.
+    window.accumulate([(tf.IndexedSlices(tf.constant(first[:1]), tf.constant([5], tf.int64),
+                                         tf.constant([10, 3], tf.int64)), embedding)], 1, recorder)
+    window.accumulate([(tf.IndexedSlices(tf.constant(first[1:]), tf.constant([5], tf.int64),
+                                         tf.constant([10, 3], tf.int64)), embedding)], 3, recorder)
+    _, indices, values, _ = recorder.calls[1]["embedding:0"]
+    np.testing.assert_array_equal(indices, [5])
+    np.testing.assert_allclose(values, [(first[0] + 3 * first[1]) / 4.0], rtol=1e-6)
+
+
+def test_float16_gradients_are_summed_in_float32():
+    half = variable("half", (3,), tf.float16)
+    window, recorder = Window(2000), Recorder()
+    window.build([half])
+    total = window._sums[variable_key(half)]
+    assert total.dtype == tf.float32
+    big, small = np.float16(1.0), np.float16(1e-4)
+    window.add([(tf.fill([3], tf.constant(big)), half)], 1)
+    for _ in range(1000):
+        window.add([(tf.fill([3], tf.constant(small)), half)], 1)
+    # The same additions in float32 (numpy), and in float16, where each 1e-4
+    # is below half a unit in the last place of 1.0 and rounds away.
+    expected, in_half = np.float32(big), big
+    for _ in range(1000):
+        expected = np.float32(expected + np.float32(small))
+        in_half = np.float16(in_half + small)
+    assert in_half == np.float16(1.0)
+    np.testing.assert_array_equal(total.numpy(), np.full(3, expected, "float32"))
+    assert abs(float(expected) - 1.1) < 1e-3
+    assert bool(window.flush(recorder).numpy())
+    mean = recorder.calls[0]["half:0"]
+    assert mean.dtype == np.float16  # handed over in the variable's dtype
+    np.testing.assert_array_equal(mean, np.full(3, np.float16(expected / np.float32(1001)), "float16"))
+
+
+def test_a_variable_whose_gradient_is_none_in_some_micro_batches_keeps_its_sum():
+    # `a` has gradients in micro-batches 1-2 only, `b` in 3-4 only: `a`'s
+    # gradient is None in the micro-batch that completes the window.
+    a, b = variable("a", (2,)), variable("b", (3,))
+    ga, gb = gradients((2,), 2, seed=1), gradients((3,), 2, seed=2)
+    sizes = [2, 3, 4, 5]
+    window, recorder = Window(4), Recorder()
+    steps = [[(ga[0], a), (None, b)], [(ga[1], a), (None, b)],
+             [(None, a), (gb[0], b)], [(None, a), (gb[1], b)]]
+    for pairs, size in zip(steps, sizes):
+        window.accumulate([(None if g is None else tf.constant(g), var) for g, var in pairs], size, recorder)
+    assert len(recorder.calls) == 1
+    call = recorder.calls[0]
+    assert sorted(call) == ["a:0", "b:0"]
+    # Both over the window's 14 samples: the big batch's mean, where a
+    # sample that does not reach a variable contributes a zero gradient.
+    np.testing.assert_allclose(call["a:0"], (2 * ga[0] + 3 * ga[1]) / 14.0, rtol=1e-6)
+    np.testing.assert_allclose(call["b:0"], (4 * gb[0] + 5 * gb[1]) / 14.0, rtol=1e-6)
+    assert not np.allclose(call["a:0"], 0.0)
+
+
+def test_reduction_sum_applies_the_weighted_sum():
+    v = variable("v", (2, 3))
+    grads = gradients((2, 3), 2, seed=3)
+    window, recorder = Window(2, reduction=SUM), Recorder()
+    window.accumulate([(tf.constant(grads[0]), v)], 3, recorder)
+    window.accumulate([(tf.constant(grads[1]), v)], 5, recorder)
+    np.testing.assert_allclose(recorder.calls[0]["v:0"], 3.0 * grads[0] + 5.0 * grads[1], rtol=1e-6)
+
+
+def test_flush_applies_a_partial_window_by_its_samples_and_then_nothing():
+    v = variable("v", (4,))
+    grads = gradients((4,), 2, seed=4)
+    window, recorder = Window(4), Recorder()
+    assert not bool(window.flush(recorder).numpy())  # not even built
+    window.accumulate([(tf.constant(grads[0]), v)], 8, recorder)
+    window.accumulate([(tf.constant(grads[1]), v)], 3, recorder)
+    assert recorder.calls == []
+    assert bool(window.flush(recorder).numpy())
+    assert len(recorder.calls) == 1
+    np.testing.assert_allclose(recorder.calls[0]["v:0"], (8 * grads[0] + 3 * grads[1]) / 11.0, rtol=1e-6)
+    assert int(window.count.numpy()) == 0
+    assert not bool(window.flush(recorder).numpy())
+    assert len(recorder.calls) == 1
+
+
+def test_a_window_of_no_samples_has_a_zero_mean_not_nan():
+    v = variable("v", (3,))
+    window, recorder = Window(2), Recorder()
+    for g in gradients((3,), 2, seed=5):
+        window.accumulate([(tf.constant(g), v)], tf.constant(0), recorder)
+    assert len(recorder.calls) == 1
+    np.testing.assert_array_equal(recorder.calls[0]["v:0"], np.zeros(3, "float32"))
+
+
+def test_the_state_checkpoints_by_stable_names_and_a_restored_window_continues_bitwise(tmp_path):
+    dense, embedding = variable("dense", (2, 3)), variable("embedding", (10, 3))
+    grads = gradients((2, 3), 4, seed=6)
+    rows = gradients((2, 3), 4, seed=7)
+    indices = [[1, 3], [3, 7], [0, 7], [3, 9]]
+    sizes = [8, 8, 3, 6]
+
+    def micro_batch(k):
+        sparse = tf.IndexedSlices(tf.constant(rows[k]), tf.constant(indices[k], tf.int64),
+                                  tf.constant([10, 3], tf.int64))
+        return [(tf.constant(grads[k]), dense), (sparse, embedding)], sizes[k]
+
+    original, original_calls = Window(4), Recorder()
+    for k in range(2):
+        original.accumulate(*micro_batch(k), apply_fn=original_calls)
+    assert isinstance(original.state, tf.Module)
+    assert {id(var) for var in original.state.variables} == {id(var) for var in original.all_variables()}
+    assert sorted(original.state.by_name) == sorted([
+        "count", "weight", "epoch_step", "epoch_steps",
+        "gradaccum/dense/sum", "gradaccum/embedding/sum", "gradaccum/embedding/rows"])
+    path = tf.train.Checkpoint(w=original.state).save(str(tmp_path / "window"))
+    saved = [name for name, _ in tf.train.list_variables(path)]
+    for name in ("count", "weight", "epoch_step", "epoch_steps", "gradaccum.Sdense.Ssum",
+                 "gradaccum.Sembedding.Ssum", "gradaccum.Sembedding.Srows"):
+        assert "w/by_name/{}/.ATTRIBUTES/VARIABLE_VALUE".format(name) in saved, saved
+
+    # Restored before the fresh window has any variable: each is restored as it is created.
+    restored, restored_calls = Window(4), Recorder()
+    status = tf.train.Checkpoint(w=restored.state).restore(path)
+    applied = []
+    for k in range(2, 4):
+        original.accumulate(*micro_batch(k), apply_fn=original_calls)
+        applied.append(bool(restored.accumulate(*micro_batch(k), apply_fn=restored_calls).numpy()))
+    status.assert_consumed()
+    assert applied == [False, True]  # the window continued: 2 restored + 2 new micro-batches
+    assert len(original_calls.calls) == len(restored_calls.calls) == 1
+    theirs, ours = original_calls.calls[0], restored_calls.calls[0]
+    np.testing.assert_array_equal(ours["dense:0"], theirs["dense:0"])
+    for part in range(1, 4):
+        np.testing.assert_array_equal(ours["embedding:0"][part], theirs["embedding:0"][part])
+    np.testing.assert_allclose(ours["dense:0"], weighted_mean(grads, sizes), rtol=1e-6, atol=1e-7)
+    dense_rows = np.zeros((10, 3))
+    for k in range(4):
+        for row, values in zip(indices[k], rows[k]):
+            dense_rows[row] += sizes[k] * values.astype("float64")
+    np.testing.assert_array_equal(ours["embedding:0"][1], [0, 1, 3, 7, 9])
+    np.testing.assert_allclose(ours["embedding:0"][2], dense_rows[[0, 1, 3, 7, 9]] / 25.0, rtol=1e-6, atol=1e-7)
+    assert int(restored.epoch_step.numpy()) == 4
