@@ -6,14 +6,15 @@ weights of training with batches of n * b.
     >>> from gradaccum import accumulate
     >>> model = accumulate(model, 4)
 
-Session-based graph code wraps its optimizer instead:
+Custom training loops, models with their own `train_step`, and Session-based
+graph code wrap their optimizer instead:
 
+    >>> opt = gradaccum.AccumOptimizer(keras.optimizers.Adam(), 4)
     >>> opt = gradaccum.AccumOptimizer(tf.compat.v1.train.AdamOptimizer(), 4)
 """
 
 from ._version import __version__
-from ._facade import accumulate, register_serializables as _register_serializables
-from ._graph import AccumOptimizer
+from ._facade import AccumOptimizer, accumulate, register_serializables as _register_serializables
 
 __all__ = ["accumulate", "AccumOptimizer", "__version__"]
 

@@ -169,3 +169,59 @@ def runtime_of(model):
 def _short_repr(obj, limit=80):
     text = repr(obj)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def optimizer_kind(optimizer):
+    """Which route wraps `optimizer`: GRAPH, KERAS2_EAGER or KERAS3; TypeError for others.
+
+    GRAPH for `tf.compat.v1.train` optimizers (whatever the mode: their
+    wrapper builds a graph op), KERAS2_EAGER for Keras 2 optimizers (both the
+    OptimizerV2 family and Keras >= 2.9's new one), KERAS3 for Keras 3's.
+    """
+    if isinstance(optimizer, tf.compat.v1.train.Optimizer):
+        return GRAPH
+    keras3 = keras3_module()
+    if keras3 is not None and isinstance(optimizer, keras3.optimizers.Optimizer):
+        return KERAS3
+    keras2 = keras2_module()
+    if keras2 is not None and isinstance(optimizer, keras2_optimizer_bases(keras2)):
+        return KERAS2_EAGER
+    raise TypeError(
+        "AccumOptimizer: optimizer must be a Keras optimizer (Keras 2, tf-keras or Keras 3, "
+        "e.g. keras.optimizers.Adam(1e-3), not a name such as 'adam') or a "
+        "tf.compat.v1.train.Optimizer. Received: optimizer={} of type {}".format(_short_repr(optimizer),
+                                           type(optimizer).__module__ + "." + type(optimizer).__qualname__))
+
+
+def keras2_optimizer_bases(keras):
+    """The optimizer base classes of a Keras 2: (OptimizerV2, the new Optimizer if it has one).
+
+    OptimizerV2 is `keras.optimizers.Optimizer` up to 2.10 and the base of
+    `keras.optimizers.legacy.Optimizer` after; the new optimizer is
+    `keras.optimizers.experimental.Optimizer` in 2.9-2.10 and
+    `keras.optimizers.Optimizer` from 2.11. Told apart by what they can do:
+    OptimizerV2 has slots (`add_slot`), the new one does not.
+    """
+    optimizers = keras.optimizers
+    candidates = [getattr(namespace, "Optimizer", None) for namespace in (
+        optimizers, getattr(optimizers, "legacy", None), getattr(optimizers, "experimental", None))]
+    candidates = [cls for cls in candidates if isinstance(cls, type)]
+    v2 = next(base for cls in candidates if hasattr(cls, "add_slot")
+              for base in cls.__mro__ if "add_slot" in vars(base))
+    new = [cls for cls in candidates if not hasattr(cls, "add_slot")]
+    return (v2,) + tuple(new[:1])
+
+
+def no_automatic_dependency_tracking(method):
+    """TensorFlow's decorator: attributes set in `method` are not tracked automatically."""
+    return tf.__internal__.tracking.no_automatic_dependency_tracking(method)
+
+
+def delegating_trackable_mixin():
+    """TensorFlow's mixin that makes a wrapper checkpoint as the object it wraps."""
+    return tf.__internal__.tracking.DelegatingTrackableMixin
+
+
+def track(parent, child, name):
+    """Makes `tf.train.Checkpoint` save `child` as `parent`'s dependency `name`."""
+    parent._track_trackable(child, name=name, overwrite=True)

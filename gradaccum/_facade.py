@@ -1,9 +1,16 @@
-"""`accumulate(model, n)`: validate, route, delegate. Nothing else lives here."""
+"""The public calls: validate, route, delegate. Nothing else lives here.
 
+`accumulate(model, n)` wraps a model, `AccumOptimizer(optimizer, n)` an
+optimizer; each checks its arguments, asks `_compat` which route applies, and
+hands over to that route's module.
+"""
+
+import abc
 import importlib
+import numbers
 
 from . import _compat
-from ._window import APPLY, check_epoch_end, check_n
+from ._window import APPLY, EPOCH_END_CHOICES, MEAN, REDUCTIONS
 
 # Runtime kind -> route module. Keras 2 models train in eager mode through
 # their train_step, and in graph mode (TF 1.x, or eager disabled) through the
@@ -55,13 +62,117 @@ def accumulate(model, n, epoch_end=APPLY):
     return importlib.import_module(_ROUTES[runtime.kind]).wrap(model, n, epoch_end)
 
 
+# Optimizer kind -> the module whose `wrap` makes its AccumOptimizer.
+_OPTIMIZER_ROUTES = {
+    _compat.GRAPH: "gradaccum._graph",
+    _compat.KERAS2_EAGER: "gradaccum._keras2_optimizer",
+    _compat.KERAS3: "gradaccum._keras3_optimizer",
+}
+
+
+class AccumOptimizer(metaclass=abc.ABCMeta):
+    """Wraps any TensorFlow optimizer; applies it once every `n` micro-batches.
+
+    Each `apply_gradients` call adds one micro-batch's gradients; the call
+    that completes a window of `n` applies their size-weighted mean with the
+    wrapped optimizer. Its iterations, slots, learning-rate schedule,
+    clipping, weight decay and EMA move once per update, on the accumulated
+    gradient, so training equals training with `n`-times bigger batches.
+
+    - Keras optimizers (Keras 2, tf-keras, Keras 3): for custom training
+      loops (eager, `tf.function`, `jit_compile`, `strategy.run`) and for
+      `model.compile(optimizer=AccumOptimizer(...))`, including models with
+      their own `train_step`. `flush()` applies a partial window at the end
+      of the data. The window is saved by `tf.train.Checkpoint(optimizer=opt)`.
+    - `tf.compat.v1.train` optimizers: graph mode (TF 1.x Session scripts,
+      Estimators, TF 2.x with eager disabled); see `_graph.AccumOptimizer`.
+
+    Args:
+        optimizer: The optimizer that applies the updates.
+        n: Micro-batches per update, an integer >= 1.
+        reduction: Keras optimizers only. "mean" (default): the size-weighted
+            mean, the big batch's gradient. "sum": the weighted sum.
+        **kwargs: `name`; for `tf.compat.v1.train` optimizers also
+            `micro_batch_size`.
+
+    Raises:
+        TypeError: `optimizer` is no optimizer, or `n` no integer.
+        ValueError: `n < 1`, an optimizer that accumulates already, or an
+            unknown `reduction`.
+
+    Example:
+        >>> opt = gradaccum.AccumOptimizer(keras.optimizers.Adam(1e-3), 4)
+        >>> for x, y in micro_batches:
+        ...     with tf.GradientTape() as tape:
+        ...         loss = loss_fn(y, model(x, training=True))
+        ...     grads = tape.gradient(loss, model.trainable_variables)
+        ...     opt.apply_gradients(zip(grads, model.trainable_variables), batch_size=len(x))
+        >>> opt.flush()  # the last, partial window
+    """
+
+    def __new__(cls, optimizer, n, **kwargs):
+        if isinstance(optimizer, AccumOptimizer):
+            raise ValueError(
+                "AccumOptimizer: the optimizer already accumulates (n={}); wrapping it "
+                "again would multiply the windows. Received: optimizer={!r}".format(
+                    optimizer.n, optimizer))
+        n = check_n(n, "AccumOptimizer")
+        kind = _compat.optimizer_kind(optimizer)
+        reduction = check_reduction(kwargs.pop("reduction", MEAN), "AccumOptimizer")
+        if kind != _compat.GRAPH:
+            kwargs["reduction"] = reduction
+        elif reduction != MEAN:
+            raise ValueError(
+                "AccumOptimizer: reduction={!r} is for Keras optimizers; a tf.compat.v1.train "
+                "optimizer's window always applies the mean. Received: reduction={!r} with "
+                "optimizer {}".format(reduction, reduction, type(optimizer).__name__))
+        route = importlib.import_module(_OPTIMIZER_ROUTES[kind])
+        wrapped = route.wrap(optimizer, n, **kwargs)
+        AccumOptimizer.register(type(wrapped))
+        return wrapped
+
+
+def check_n(n, caller):
+    """`n` as an int, or a clear error naming `caller` and what it received."""
+    # bool is an int subclass, but accumulate(model, True) is surely a mistake.
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(
+            "{}: n must be an integer >= 1 (micro-batches per update). "
+            "Received: n={!r} of type {}".format(caller, n, type(n).__name__))
+    if n < 1:
+        raise ValueError(
+            "{}: n must be an integer >= 1 (micro-batches per update). "
+            "Received: n={!r}".format(caller, n))
+    return int(n)
+
+
+def check_epoch_end(epoch_end, caller):
+    if epoch_end not in EPOCH_END_CHOICES:
+        raise ValueError("{}: epoch_end must be one of {}. Received: epoch_end={!r}".format(
+            caller, EPOCH_END_CHOICES, epoch_end))
+    return epoch_end
+
+
+def check_reduction(reduction, caller):
+    """"mean" or "sum" (any case, as gradient-accumulator spells them), or a clear error."""
+    value = reduction.lower() if isinstance(reduction, str) else reduction
+    if value not in REDUCTIONS:
+        raise ValueError("{}: reduction must be one of {}. Received: reduction={!r}".format(
+            caller, REDUCTIONS, reduction))
+    return value
+
+
 def register_serializables():
     """Imports the routes whose model classes saved files may name.
 
-    Keras finds a saved `gradaccum>AccumModel` only if the class is registered,
-    so `import gradaccum` registers the classes of each Keras this process uses.
+    Keras finds a saved `gradaccum>AccumModel` (or AccumOptimizer) only if the
+    class is registered, so `import gradaccum` registers the classes of each
+    Keras this process uses.
     """
     if _compat.keras2_module() is not None:
         importlib.import_module("gradaccum._keras2")
+        if not _compat.IS_TF1:
+            importlib.import_module("gradaccum._keras2_optimizer")
     if _compat.keras3_module() is not None:
         importlib.import_module("gradaccum._keras3")
+        importlib.import_module("gradaccum._keras3_optimizer")

@@ -156,3 +156,57 @@ def fresh(model_factory, initial_weights, **kwargs):
     model = model_factory(**kwargs)
     model.set_weights(initial_weights)
     return model
+
+
+def mse_with_regularizers(model, x, y):
+    """A custom loop's loss: the per-sample mean squared error plus the model's regularizers."""
+    import tensorflow as tf
+    loss = tf.reduce_mean(tf.square(model(x, training=True) - y))
+    return loss + tf.add_n(model.losses) if model.losses else loss
+
+
+def train_loop(model_factory, initial, make_optimizer, x, y, batch_size, n=None, mode="function",
+               epochs=2, weighted=True, flush=True):
+    """A custom training loop; with `n`, through gradaccum.AccumOptimizer.
+
+    Returns (weights, the optimizer's iterations, the optimizer). `mode` is
+    "eager", "function" or "jit" (tf.function(jit_compile=True)).
+    """
+    import tensorflow as tf
+    from gradaccum import AccumOptimizer
+
+    model = fresh(model_factory, initial)
+    optimizer = make_optimizer() if n is None else AccumOptimizer(make_optimizer(), n)
+    variables = model.trainable_variables
+
+    def step(x_batch, y_batch):
+        with tf.GradientTape() as tape:
+            loss = mse_with_regularizers(model, x_batch, y_batch)
+        grads = tape.gradient(loss, variables)
+        if n is not None and weighted:
+            optimizer.apply_gradients(zip(grads, variables), batch_size=tf.shape(x_batch)[0])
+        else:
+            optimizer.apply_gradients(zip(grads, variables))
+
+    if mode != "eager":
+        step = tf.function(step, **({"jit_compile": True} if mode == "jit" else {}))
+    for _ in range(epochs):
+        for start in range(0, len(x), batch_size):
+            step(x[start:start + batch_size], y[start:start + batch_size])
+        if n is not None and flush:
+            optimizer.flush()
+    return weights_of(model), int(optimizer.iterations.numpy()), optimizer
+
+
+def compare_loop(model_factory, make_optimizer, x, y, name, n=4, b=8, **kwargs):
+    """AccumOptimizer at (b, n) against the same loop at n*b and at b; returns the error."""
+    initial = weights_of(model_factory())
+    accumulated, steps, _ = train_loop(model_factory, initial, make_optimizer, x, y, b, n=n, **kwargs)
+    kwargs.pop("weighted", None)
+    big, big_steps, _ = train_loop(model_factory, initial, make_optimizer, x, y, n * b, **kwargs)
+    small, _, _ = train_loop(model_factory, initial, make_optimizer, x, y, b, **kwargs)
+    assert steps == big_steps, "optimizer steps: accumulated {} vs big batch {}".format(steps, big_steps)
+    error = assert_same_training(initial, accumulated, big)
+    assert_discriminates(initial, small, big)
+    record(name, error)
+    return error

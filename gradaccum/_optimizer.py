@@ -1,0 +1,139 @@
+"""The TF2 optimizer wrapper, as far as it is the same on Keras 2 and Keras 3.
+
+`gradaccum.AccumOptimizer(optimizer, n)` on a Keras optimizer returns the
+wrapper of that optimizer's Keras (`_keras2_optimizer`, `_keras3_optimizer`),
+which each declare their class from the mixin here and the optimizer base
+class of their Keras, as Keras' own LossScaleOptimizer wraps an optimizer:
+
+- each `apply_gradients` call adds one micro-batch to the window; the call
+  that completes a window applies the window's mean with the wrapped
+  optimizer, inside `tf.cond`, so that the wrapped optimizer's iterations,
+  slots, learning-rate schedule, clipping, weight decay and EMA move once per
+  update, on the accumulated gradient;
+- `iterations` and `learning_rate` are the wrapped optimizer's, so
+  `iterations` counts updates, and Keras callbacks that set the learning rate
+  set the wrapped one's;
+- the window's variables are tracked as the wrapper's checkpoint dependency
+  "gradaccum", so `tf.train.Checkpoint(optimizer=opt)` saves and restores an
+  open window; `model.get_weights()` never contains them.
+
+The arithmetic is `Window`'s; the Keras-specific parts are the route's hooks:
+`inner_optimizer` (the wrapped optimizer), `_accum_loss_scaling()`,
+`_accum_unscale(pairs)` and `_accum_apply(mean)`.
+"""
+
+import numbers
+
+import tensorflow as tf
+
+from ._window import Window
+
+
+class AccumulatingOptimizer(object):
+    """What the Keras 2 and Keras 3 optimizer wrappers share."""
+
+    def _init_accumulation(self, n, reduction):
+        self._accum_n = n
+        self._accum_window = Window(n, reduction)
+
+    @property
+    def n(self):
+        """Micro-batches per real update."""
+        return self._accum_n
+
+    def apply_gradients(self, grads_and_vars, batch_size=None, **kwargs):
+        """Adds one micro-batch's gradients; the call that completes a window applies their mean.
+
+        Args:
+            grads_and_vars: (gradient, variable) pairs of one micro-batch.
+            batch_size: Optional, the micro-batch's number of samples (an int
+                or a scalar tensor). Given, micro-batches count by their size,
+                so a short one weighs what it holds, as inside the big batch.
+                Omitted, they count equally, which is exact when they are
+                equal. Under a `tf.distribute` strategy, give the global
+                micro-batch size (the size your loss is averaged over).
+            **kwargs: Keras' own options of `apply_gradients` (name, gradient
+                aggregation), accepted and left to the update.
+
+        Returns:
+            A boolean tensor: whether this call applied an update.
+        """
+        grads_and_vars = list(grads_and_vars)
+        if not any(grad is not None for grad, _ in grads_and_vars):
+            raise ValueError(
+                "AccumOptimizer.apply_gradients: no gradients provided for any variable. "
+                "Received: {}".format([getattr(var, "name", var) for _, var in grads_and_vars]))
+        weight = _check_batch_size(batch_size)
+        if self._accum_loss_scaling():
+            grads_and_vars = self._accum_unscale(grads_and_vars)
+        with tf.init_scope():
+            self.iterations  # the wrapped optimizer's, created outside the update branch
+        return self._accum_window.accumulate(grads_and_vars, weight, self._accum_apply)
+
+    def flush(self, var_list=None):
+        """Applies the open window now, if it holds a micro-batch: the end of your data.
+
+        Does nothing when the window is empty. Call it eagerly, in a
+        `tf.function`, in `strategy.run`, or in a strategy's scope.
+
+        Args:
+            var_list: Only after restoring a checkpoint taken mid-window, and
+                before any `apply_gradients` in this process: the variables the
+                window accumulates for (else gradaccum learns them from the
+                first gradients).
+
+        Returns:
+            A boolean tensor: whether an update was applied.
+        """
+        window = self._accum_window
+        if var_list is not None:
+            window.build(list(var_list))
+        if (window.built and not window.variables and tf.executing_eagerly()
+                and int(window.count.numpy()) > 0):
+            raise ValueError(
+                "AccumOptimizer.flush: the window holds micro-batches restored from a "
+                "checkpoint, but no gradients were given in this process, so the window's "
+                "variables are unknown. Call flush(var_list=model.trainable_variables). "
+                "Received: var_list=None")
+        return window.flush(self._accum_apply)
+
+    def _accum_refuse_outer_loss_scaling(self):
+        """Raises: a LossScaleOptimizer is wrapping this AccumOptimizer (route's hook calls it)."""
+        raise ValueError(
+            "AccumOptimizer: a LossScaleOptimizer around an AccumOptimizer would check and "
+            "skip each micro-batch on its own, not the window. Wrap the other way round: "
+            "AccumOptimizer(LossScaleOptimizer(optimizer), n) in a custom loop, or use "
+            "gradaccum.accumulate(model, n) for model.fit under a mixed_float16 policy (Keras "
+            "wraps the compiled optimizer in a LossScaleOptimizer itself). Received: "
+            "LossScaleOptimizer(AccumOptimizer(n={}))".format(self._accum_n))
+
+    def _accum_loss_scaling(self):
+        """Whether the wrapped optimizer is a LossScaleOptimizer (route hook)."""
+        return False
+
+    def _accum_config(self):
+        return {"n": self._accum_n, "reduction": self._accum_window.reduction}
+
+
+def _check_batch_size(batch_size):
+    """A micro-batch's weight, as a float32 tensor."""
+    if batch_size is None:
+        return tf.constant(1.0)
+    if isinstance(batch_size, (bool, numbers.Number)) or not tf.is_tensor(batch_size):
+        if (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+                or batch_size <= 0):
+            raise ValueError(
+                "AccumOptimizer.apply_gradients: batch_size must be None, an integer >= 1 or a "
+                "scalar tensor: the micro-batch's number of samples. Received: batch_size={!r}"
+                .format(batch_size))
+        return tf.constant(float(batch_size))
+    if batch_size.shape.rank not in (None, 0):
+        raise ValueError(
+            "AccumOptimizer.apply_gradients: batch_size must be a scalar. Received: a tensor "
+            "of shape {}".format(batch_size.shape))
+    # A tensor is checked when it runs; 0 is allowed: a replica that got no
+    # samples adds nothing.
+    weight = tf.cast(batch_size, tf.float32)
+    with tf.control_dependencies([tf.debugging.assert_non_negative(
+            weight, message="AccumOptimizer.apply_gradients: batch_size must be >= 0")]):
+        return tf.identity(weight)
