@@ -14,14 +14,17 @@ accum_steps=...)`; that spelling is here too, but not under a top-level
 Both build the same model as `gradaccum.accumulate`, which also means the same
 behaviour: the update is the mean of the micro-batch gradients (not their
 sum), exact against the big batch, and a partial window at an epoch's end is
-applied. Each warns once per process with a `DeprecationWarning` that gives the
-new spelling.
+applied. That library's optimizer wrapper, `GradientAccumulateOptimizer(
+optimizer, accum_steps)`, is here too, and returns `gradaccum.AccumOptimizer`.
+Each warns once per process with a `DeprecationWarning` that gives the new
+spelling.
 """
 
 import warnings
 
 from . import _compat
-from ._window import APPLY, check_n
+from ._facade import AccumOptimizer, check_n
+from ._window import APPLY
 
 _warned = set()
 
@@ -49,17 +52,60 @@ def GAModelWrapper(n_gradients=1, mixed_precision=False, use_agc=False, clip_fac
 
 
 def GradientAccumulateModel(accum_steps=1, mixed_precision=False, use_agc=False, clip_factor=0.01,
-                            eps=1e-3, **kwargs):
+                            eps=1e-3, experimental_distributed_support=False, **kwargs):
     """Deprecated: `gradaccum.accumulate(keras.Model(inputs, outputs), accum_steps)`.
 
     The arguments are those of `GAModelWrapper`, with `accum_steps` for
-    `n_gradients`.
+    `n_gradients`, and:
+
+    Args:
+        experimental_distributed_support: Accepted, True or False, and
+            ignored: gradaccum's model trains under a `tf.distribute` strategy
+            without being told (each replica accumulates its own gradients, and
+            they are all-reduced once per update).
+
+    Example:
+        >>> model = GradientAccumulateModel(accum_steps=4, inputs=model.input, outputs=model.output)
     """
     return _build("GradientAccumulateModel", "accum_steps", accum_steps, mixed_precision, use_agc, kwargs)
 
 
+def GradientAccumulateOptimizer(optimizer="SGD", accum_steps=1, reduction="MEAN",
+                                name="GradientAccumulateOptimizer", **kwargs):
+    """Deprecated: `gradaccum.AccumOptimizer(optimizer, accum_steps)`.
+
+    Returns that AccumOptimizer: the wrapped optimizer's iterations, slots and
+    learning-rate schedule move once per update, and never on the micro-steps.
+
+    Args:
+        optimizer: A Keras optimizer, or its name ("sgd", "adam", ...) as
+            `keras.optimizers.get` takes it, with its default settings.
+        accum_steps: Micro-batches per update, an integer >= 1.
+        reduction: "MEAN" (default): the mean of the micro-batch gradients
+            (weighted by `batch_size=` where `apply_gradients` is given it).
+            "SUM": their sum. Any case.
+        name: The wrapper's name.
+        **kwargs: None accepted; a TypeError names what was given.
+
+    Example:
+        >>> opt = GradientAccumulateOptimizer(optimizer="adam", accum_steps=4)
+    """
+    _warn_once("GradientAccumulateOptimizer", _OPTIMIZER_MESSAGE, stacklevel=3)
+    caller = "GradientAccumulateOptimizer(accum_steps=...)"
+    if kwargs:
+        raise TypeError(
+            "GradientAccumulateOptimizer: takes optimizer=, accum_steps=, reduction= and "
+            "name=; options of the wrapped optimizer (clipnorm=, ...) belong to it. "
+            "Received: keyword arguments {}".format(sorted(kwargs)))
+    accum_steps = check_n(accum_steps, caller)
+    if isinstance(optimizer, str):
+        keras = _compat.keras2_module() or _compat.keras3_module()
+        optimizer = keras.optimizers.get(optimizer)
+    return AccumOptimizer(optimizer, accum_steps, reduction=reduction, name=name)
+
+
 def _build(old_name, n_name, n, mixed_precision, use_agc, kwargs):
-    _warn_once(old_name, n_name)
+    _warn_once(old_name, _MODEL_MESSAGE.format(old=old_name, n=n_name), stacklevel=4)
     caller = "{}({}=...)".format(old_name, n_name)
     n = check_n(n, caller)
     if use_agc:
@@ -81,12 +127,23 @@ def _build(old_name, n_name, n, mixed_precision, use_agc, kwargs):
     return AccumModel(n=n, epoch_end=APPLY, **kwargs)
 
 
-def _warn_once(old_name, n_name):
+_MODEL_MESSAGE = (
+    "{old}({n}=n, inputs=..., outputs=...) is deprecated; write "
+    "`model = gradaccum.accumulate(keras.Model(inputs, outputs), n)` instead. "
+    "It trains the same (exact) way.")
+_OPTIMIZER_MESSAGE = (
+    "GradientAccumulateOptimizer(optimizer, accum_steps=n) is deprecated; write "
+    "`opt = gradaccum.AccumOptimizer(optimizer, n)` instead (reduction= as before). "
+    "It returns that optimizer already.")
+
+
+def _warn_once(old_name, message, stacklevel):
+    """Warns about `old_name` once per process.
+
+    `stacklevel` counts from this function: 3 for a deprecated function that
+    calls it directly, so the warning points at the user's line.
+    """
     if old_name in _warned:
         return
     _warned.add(old_name)
-    warnings.warn(
-        "{old}({n}=n, inputs=..., outputs=...) is deprecated; write "
-        "`model = gradaccum.accumulate(keras.Model(inputs, outputs), n)` instead. "
-        "It trains the same (exact) way.".format(old=old_name, n=n_name),
-        DeprecationWarning, stacklevel=4)  # the caller of GAModelWrapper(...)
+    warnings.warn(message, DeprecationWarning, stacklevel=stacklevel)
