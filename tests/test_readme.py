@@ -27,3 +27,12 @@ def test_the_distributed_training_example_runs_and_updates_once_per_window(tmp_p
                             stderr=subprocess.STDOUT, universal_newlines=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "updates after each epoch: [2, 4]" in result.stdout, result.stdout[-3000:]
+
+
+def test_the_custom_loop_example_runs_and_updates_once_per_window(tmp_path):
+    script = tmp_path / "custom_loop_example.py"
+    script.write_text(example("Custom training loops"))
+    result = subprocess.run([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, universal_newlines=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "updates: 8" in result.stdout, result.stdout[-3000:]
