@@ -13,6 +13,7 @@ from . import _compat, _optimizer
 from ._window import MEAN, multiplied
 
 keras = _compat.keras3_module()
+_INNER_FACTOR = "the wrapped optimizer's"
 
 
 def wrap(optimizer, n, reduction=MEAN, name=None):
@@ -66,7 +67,10 @@ class AccumOptimizer(_optimizer.AccumulatingOptimizer, keras.optimizers.Optimize
 
     @property
     def loss_scale_factor(self):
-        return None
+        # The wrapped optimizer's factor applies (in its apply). Not None:
+        # Keras' AutoTrackable skips assigning a value that `is` the current
+        # one, and a LossScaleOptimizer assigns None (see the setter).
+        return _INNER_FACTOR
 
     @loss_scale_factor.setter
     def loss_scale_factor(self, value):
