@@ -187,9 +187,9 @@ def optimizer_kind(optimizer):
     if keras2 is not None and isinstance(optimizer, keras2_optimizer_bases(keras2)):
         return KERAS2_EAGER
     raise TypeError(
-        "AccumOptimizer: optimizer must be a Keras optimizer (Keras 2, tf-keras or Keras 3, "
-        "e.g. keras.optimizers.Adam(1e-3), not a name such as 'adam') or a "
-        "tf.compat.v1.train.Optimizer. Received: optimizer={} of type {}".format(_short_repr(optimizer),
+        "AccumOptimizer: optimizer must be a tf.compat.v1.train.Optimizer or a Keras "
+        "optimizer (Keras 2, tf-keras or Keras 3, e.g. keras.optimizers.Adam(1e-3), not a "
+        "name such as 'adam'). Received: optimizer={} of type {}".format(_short_repr(optimizer),
                                            type(optimizer).__module__ + "." + type(optimizer).__qualname__))
 
 

@@ -118,6 +118,13 @@ class AccumOptimizer(metaclass=abc.ABCMeta):
                     optimizer.n, optimizer))
         n = check_n(n, "AccumOptimizer")
         kind = _compat.optimizer_kind(optimizer)
+        if kind != _compat.GRAPH and not _compat.executing_eagerly():
+            raise TypeError(
+                "AccumOptimizer: in graph mode (TF 1.x, or eager execution disabled) the "
+                "optimizer must be a tf.compat.v1.train.Optimizer (e.g. "
+                "tf.compat.v1.train.AdamOptimizer(1e-3)); Keras optimizers are wrapped in eager "
+                "mode. Received: optimizer={} of type {}".format(
+                    type(optimizer).__name__, type(optimizer).__module__))
         reduction = check_reduction(kwargs.pop("reduction", MEAN), "AccumOptimizer")
         if kind != _compat.GRAPH:
             kwargs["reduction"] = reduction
