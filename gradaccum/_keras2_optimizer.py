@@ -86,6 +86,11 @@ class _Keras2Accumulating(_optimizer.AccumulatingOptimizer):
         AccumOptimizer accumulates. `loss` may be a tensor computed under
         `tape`, or a callable (then `var_list` may be one too).
         """
+        grads_and_vars = self.compute_gradients(loss, var_list, tape=tape, grad_loss=grad_loss)
+        return self.apply_gradients(grads_and_vars, batch_size=batch_size)
+
+    def compute_gradients(self, loss, var_list, tape=None, grad_loss=None):
+        """One micro-batch's (gradient, variable) pairs; under a LossScaleOptimizer, unscaled."""
         tape = tape if tape is not None else tf.GradientTape()
         if callable(loss):
             with tape:
@@ -102,7 +107,7 @@ class _Keras2Accumulating(_optimizer.AccumulatingOptimizer):
         grads = tape.gradient(loss, var_list, grad_loss)
         if scaling:
             grads = self.get_unscaled_gradients(grads)
-        return self.apply_gradients(zip(grads, var_list), batch_size=batch_size)
+        return list(zip(grads, var_list))
 
     def get_scaled_loss(self, loss):
         """A micro-batch's loss scaled for mixed precision: by the loss scale / n.
@@ -219,14 +224,6 @@ class _NewFamily(object):
     def finalize_variable_values(self, var_list):
         # Keras' fit calls it at its end: EMA swaps the averages in.
         return self._optimizer.finalize_variable_values(var_list)
-
-    def compute_gradients(self, loss, var_list, tape=None):
-        tape = tape if tape is not None else tf.GradientTape()
-        if callable(loss):
-            with tape:
-                tape.watch(var_list)
-                loss = loss()
-        return list(zip(tape.gradient(loss, var_list), var_list))
 
 
 def _deserialize(config, custom_objects, cls):

@@ -20,7 +20,7 @@ import threading
 
 import tensorflow as tf
 
-from . import _compat, _model
+from . import _compat, _model, _optimizer
 from ._window import multiplied
 
 keras = _compat.keras3_module()
@@ -40,7 +40,9 @@ class _Keras3Training(_model.Accumulating):
         if self._accum_n == 1:
             return self._with_update_count(super(_Keras3Training, self).train_step(data))
         optimizer = self.optimizer
-        _check_optimizer(optimizer)
+        _optimizer.refuse_own_accumulation(
+            optimizer, "accumulate", "Create the optimizer without gradient_accumulation_steps "
+            "and pass n to accumulate(model, n) instead.")
         _model.refuse_accumulating_optimizer(optimizer, self._accum_n)
         window = self._accum_window
         # The class's methods: another replica's thread may be standing in now.
@@ -148,20 +150,6 @@ class _StandIns(object):
 
 _STOOD_IN = ("apply_gradients", "scale_loss")
 _STAND_INS = _StandIns()
-
-
-def _check_optimizer(optimizer):
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        optimizer = optimizer.inner_optimizer
-    steps = getattr(optimizer, "gradient_accumulation_steps", None)
-    if steps:
-        raise ValueError(
-            "accumulate: the optimizer accumulates gradients itself "
-            "(gradient_accumulation_steps={}), and the model accumulates already: the "
-            "windows would multiply. Create the optimizer without "
-            "gradient_accumulation_steps and pass n to accumulate(model, n) instead. "
-            "Received: optimizer={}(gradient_accumulation_steps={})".format(
-                steps, type(optimizer).__name__, steps))
 
 
 class _WindowCallback(_model.WindowCallback, keras.callbacks.Callback):

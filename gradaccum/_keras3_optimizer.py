@@ -18,15 +18,8 @@ _INNER_FACTOR = "the wrapped optimizer's"
 
 def wrap(optimizer, n, reduction=MEAN, name=None):
     """The AccumOptimizer of a Keras 3 optimizer (see `gradaccum.AccumOptimizer`)."""
-    accumulating = getattr(optimizer, "inner_optimizer", optimizer)  # inside a LossScaleOptimizer too
-    steps = getattr(accumulating, "gradient_accumulation_steps", None)
-    if steps:
-        raise ValueError(
-            "AccumOptimizer: the optimizer accumulates gradients itself "
-            "(gradient_accumulation_steps={}): the windows would multiply, and Keras' "
-            "option moves learning-rate schedules per micro-batch. Create it without "
-            "gradient_accumulation_steps. Received: optimizer={}(gradient_accumulation_steps={})"
-            .format(steps, type(accumulating).__name__, steps))
+    _optimizer.refuse_own_accumulation(
+        optimizer, "AccumOptimizer", "Create the optimizer without gradient_accumulation_steps.")
     return AccumOptimizer(optimizer, n, reduction=reduction, name=name)
 
 

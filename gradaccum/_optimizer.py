@@ -115,13 +115,29 @@ class AccumulatingOptimizer(object):
         return {"n": self._accum_n, "reduction": self._accum_window.reduction}
 
 
+def refuse_own_accumulation(optimizer, caller, advice):
+    """Raises if `optimizer` (or the one a LossScaleOptimizer wraps) accumulates itself.
+
+    Keras 3's `gradient_accumulation_steps`: with gradaccum's window the
+    windows would multiply, and Keras' option moves learning-rate schedules on
+    every micro-batch.
+    """
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    steps = getattr(optimizer, "gradient_accumulation_steps", None)
+    if steps:
+        raise ValueError(
+            "{}: the optimizer accumulates gradients itself (gradient_accumulation_steps={}), "
+            "and gradaccum accumulates already: the windows would multiply. {} Received: "
+            "optimizer={}(gradient_accumulation_steps={})".format(
+                caller, steps, advice, type(optimizer).__name__, steps))
+
+
 def _check_batch_size(batch_size):
     """A micro-batch's weight, as a float32 tensor."""
     if batch_size is None:
         return tf.constant(1.0)
-    if isinstance(batch_size, (bool, numbers.Number)) or not tf.is_tensor(batch_size):
-        if (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
-                or batch_size <= 0):
+    if not tf.is_tensor(batch_size):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size <= 0:
             raise ValueError(
                 "AccumOptimizer.apply_gradients: batch_size must be None, an integer >= 1 or a "
                 "scalar tensor: the micro-batch's number of samples. Received: batch_size={!r}"

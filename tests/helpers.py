@@ -129,6 +129,19 @@ if hasattr(keras.optimizers, "AdamW"):  # Keras >= 2.11
     OPTIMIZERS["adamw"] = lambda: keras.optimizers.AdamW(0.01, weight_decay=0.05)
 
 
+# Options that act on the gradient, or on the update. They must act once per
+# update, on the accumulated gradient, as on the big batch: clipping each
+# micro-batch's gradient, decaying weights or averaging them per micro-step
+# would train differently.
+GRADIENT_OPTIONS = {
+    "clipnorm": {"clipnorm": 0.05},
+    "global_clipnorm": {"global_clipnorm": 0.05},
+    "clipvalue": {"clipvalue": 0.01},
+    "weight_decay": {"weight_decay": 0.5},
+    "use_ema": {"use_ema": True, "ema_momentum": 0.5},
+}
+
+
 def steps_of(model):
     """The optimizer's update count."""
     return int(model.optimizer.iterations.numpy())

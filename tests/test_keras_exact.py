@@ -47,17 +47,7 @@ def test_optimizers_match_big_batch(optimizer):
     assert history.history["updates"] == [3, 6]
 
 
-# Options that act on the gradient, or on the update. They must act once per
-# update, on the accumulated gradient, as on the big batch: clipping each
-# micro-batch's gradient, decaying weights or averaging them per micro-step
-# would train differently.
-OPTIONS = {
-    "clipnorm": {"clipnorm": 0.05},
-    "global_clipnorm": {"global_clipnorm": 0.05},
-    "clipvalue": {"clipvalue": 0.01},
-    "weight_decay": {"weight_decay": 0.5},
-    "use_ema": {"use_ema": True, "ema_momentum": 0.5},
-}
+OPTIONS = helpers.GRADIENT_OPTIONS
 
 
 @pytest.mark.parametrize("option", sorted(OPTIONS))
