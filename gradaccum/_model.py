@@ -216,11 +216,7 @@ class Accumulating(object):
             self._accum_flush_now()
 
     def _accum_flush_now(self):
-        window = self._accum_window
-        if int(window.count.numpy()) > 0:
-            # In each replica, as in the training step: under a strategy a
-            # Keras 2 optimizer refuses to apply in cross-replica context.
-            strategy_of(self).run(lambda: window.apply(self.optimizer.apply_gradients))
+        self._accum_window.flush(self.optimizer.apply_gradients)
 
     def _accum_set(self, pairs):
         """Assigns (variable, value) pairs outside the training function."""

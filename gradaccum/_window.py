@@ -72,6 +72,7 @@ class Window(object):
         self.weight = None  # samples in the open window
         self.epoch_step = None  # micro-batches seen in this epoch
         self.epoch_steps = None  # micro-batches in this epoch, -1 if unknown
+        self._strategy = None  # the tf.distribute strategy the variables belong to
         # Every variable that has an accumulator, in the order they came. The
         # mean covers all of them: a variable whose gradient is None in one
         # micro-batch of a window but not in another keeps its sum.
@@ -92,6 +93,8 @@ class Window(object):
 
         def create():
             if self.count is None:
+                # (create() runs under the strategy's scope, if there is one.)
+                self._strategy = tf.distribute.get_strategy() if tf.distribute.has_strategy() else None
                 self.count = self._track("count", _counter("gradaccum/count", tf.int64, 0))
                 self.weight = self._track("weight", _variable(0.0, "gradaccum/weight", tf.float32))
                 self.epoch_step = self._track("epoch_step", _counter("gradaccum/epoch_step", tf.int64, 0))
@@ -191,23 +194,26 @@ class Window(object):
     def flush(self, apply_fn):
         """Applies the open window now if it holds a micro-batch (the end of the data).
 
-        Callable eagerly, in a `tf.function`, in a graph, or in a strategy's
-        replica step (`strategy.run`), where the replicas update together as
-        in the training step.
+        Callable eagerly, in a `tf.function` or in a graph. A window made
+        under a `tf.distribute` strategy is applied in that strategy's replicas
+        wherever this is called from (its replica step, its scope, or outside
+        it): read outside them, its per-replica sums would be their aggregate,
+        and the update would skip the optimizer's all-reduce.
 
         Returns:
             A boolean tensor: whether an update was applied.
         """
         if not self.built:
             return tf.constant(False)
-        if tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context():
-            # Tried here, a window applied from the cross-replica context
-            # updated by the mean of the replicas' means, not their sum: refuse
-            # rather than train wrong (see README, "Custom training loops").
-            raise NotImplementedError(
-                "flush: under a tf.distribute strategy, call it inside strategy.run (in "
-                "your replica step), not in the strategy's scope. Received: a call in "
-                "cross-replica context of {}".format(type(tf.distribute.get_strategy()).__name__))
+        strategy = self._strategy
+        if strategy is not None and _strategy_replica() is None:
+            if tf.executing_eagerly():  # decide here: replica 0's count is every replica's
+                if int(self.count.numpy()) == 0:
+                    return tf.constant(False)
+                applied = strategy.run(self.apply, args=(apply_fn,))
+            else:
+                applied = strategy.run(self.flush, args=(apply_fn,))
+            return strategy.experimental_local_results(applied)[0]
         return self._apply_if(self.count > 0, apply_fn)
 
     def _apply_if(self, condition, apply_fn):

@@ -4,7 +4,8 @@
 
 TF_CONFIG (set by the test) names this worker and its peer on 127.0.0.1.
 Reads WORKDIR/job.json and WORKDIR/initial.npz, trains accumulate(model, n)
-under MultiWorkerMirroredStrategy, and writes WORKDIR/worker<index>.npz with
+(or, with "loop" in the job, a custom loop through AccumOptimizer) under
+MultiWorkerMirroredStrategy, and writes WORKDIR/worker<index>.npz with
 the trained weights and the optimizer's step count.
 """
 
@@ -19,7 +20,7 @@ import tensorflow as tf
 STRATEGY = tf.distribute.MultiWorkerMirroredStrategy()
 
 import helpers  # noqa: E402 - after the strategy, as TensorFlow requires
-from gradaccum import accumulate  # noqa: E402
+from gradaccum import AccumOptimizer, accumulate  # noqa: E402
 
 
 def main(workdir):
@@ -27,16 +28,46 @@ def main(workdir):
         job = json.load(handle)
     initial = list(np.load(os.path.join(workdir, "initial.npz")).values())
     x, y = helpers.data()
+    if job.get("loop"):
+        weights, steps = custom_loop(job, initial, x, y)
+    else:
+        with STRATEGY.scope():
+            model = helpers.fresh(helpers.functional_mlp, initial)
+            if job["n"] is not None:  # None: plain training, to see what TensorFlow does alone
+                model = accumulate(model, job["n"])
+            model.compile(helpers.OPTIMIZERS[job["optimizer"]](), "mse",
+                          **({"jit_compile": True} if job["jit_compile"] else {}))
+        model.fit(x, y, batch_size=job["global_batch_size"], epochs=job["epochs"], shuffle=False, verbose=0)
+        weights, steps = helpers.weights_of(model), helpers.steps_of(model)
+    index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    np.savez(os.path.join(workdir, "worker{}.npz".format(index)),
+             steps=np.array(steps), **{"w{}".format(i): w for i, w in enumerate(weights)})
+
+
+def custom_loop(job, initial, x, y):
+    """A tf.GradientTape loop through AccumOptimizer, as TensorFlow's custom-loop guide writes it."""
+    global_batch = job["global_batch_size"]
     with STRATEGY.scope():
         model = helpers.fresh(helpers.functional_mlp, initial)
-        if job["n"] is not None:  # None: plain training, to see what TensorFlow does alone
-            model = accumulate(model, job["n"])
-        model.compile(helpers.OPTIMIZERS[job["optimizer"]](), "mse", **({"jit_compile": True} if job["jit_compile"] else {}))
-    model.fit(x, y, batch_size=job["global_batch_size"], epochs=job["epochs"], shuffle=False, verbose=0)
-    index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
-    weights = helpers.weights_of(model)
-    np.savez(os.path.join(workdir, "worker{}.npz".format(index)),
-             steps=np.array(helpers.steps_of(model)), **{"w{}".format(i): w for i, w in enumerate(weights)})
+        optimizer = AccumOptimizer(helpers.OPTIMIZERS[job["optimizer"]](), job["n"])
+    dataset = STRATEGY.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(global_batch))
+    variables = model.trainable_variables
+
+    def replica_step(x_batch, y_batch):
+        with tf.GradientTape() as tape:
+            per_sample = tf.reduce_mean(tf.square(model(x_batch, training=True) - y_batch), axis=1)
+            loss = (tf.nn.compute_average_loss(per_sample, global_batch_size=global_batch)
+                    + tf.nn.scale_regularization_loss(tf.add_n(model.losses)))
+        grads = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(grads, variables), batch_size=global_batch)
+
+    step = tf.function(lambda inputs: STRATEGY.run(replica_step, args=inputs))
+    for _ in range(job["epochs"]):
+        for inputs in dataset:
+            step(inputs)
+        optimizer.flush()  # applied in the strategy's replicas
+    return helpers.weights_of(model), int(optimizer.iterations.numpy())
 
 
 if __name__ == "__main__":

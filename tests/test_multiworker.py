@@ -87,11 +87,11 @@ def _tails(logs, lines=15):
     return "\n".join(text)
 
 
-def prepare(workdir, initial, n, optimizer):
+def prepare(workdir, initial, n, optimizer, loop=False):
     np.savez(os.path.join(workdir, "initial.npz"), **{"w{}".format(i): w for i, w in enumerate(initial)})
     with open(os.path.join(workdir, "job.json"), "w") as handle:
         json.dump({"n": n, "global_batch_size": GLOBAL_B, "epochs": 2, "optimizer": optimizer,
-                   "jit_compile": False}, handle)
+                   "jit_compile": False, "loop": loop}, handle)
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +134,22 @@ def test_two_workers_match_one_process_training_the_big_batch(tmp_path, optimize
     error = helpers.assert_same_training(initial, first, big)
     helpers.assert_discriminates(initial, small, big)
     helpers.record("multiworker/" + optimizer, error)
+
+
+def test_a_custom_loop_on_two_workers_matches_one_process_looping_over_the_big_batch(tmp_path):
+    # AccumOptimizer inside strategy.run on each worker; the reference is the
+    # same loop in one process, plain, at the big global batch.
+    workdir = str(tmp_path)
+    initial = helpers.weights_of(helpers.functional_mlp())
+    prepare(workdir, initial, N, "momentum", loop=True)
+    (first, first_steps), (second, second_steps) = run_workers(workdir)
+    x, y = helpers.data()
+    big, big_steps, _ = helpers.train_loop(helpers.functional_mlp, initial, OPTIMIZERS["momentum"], x, y,
+                                           N * GLOBAL_B)
+    small, _, _ = helpers.train_loop(helpers.functional_mlp, initial, OPTIMIZERS["momentum"], x, y, GLOBAL_B)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b, err_msg="the two workers' weights differ")
+    assert first_steps == second_steps == big_steps == 4
+    error = helpers.assert_same_training(initial, first, big)
+    helpers.assert_discriminates(initial, small, big)
+    helpers.record("multiworker-loop/momentum", error)

@@ -57,17 +57,15 @@ def mirrored_loop(initial, n, global_batch, make_optimizer, samples, count_globa
     def step(inputs, size):
         strategy.run(replica_step, args=inputs + (size,))
 
-    @tf.function
-    def flush():
-        strategy.run(optimizer.flush)  # in the replicas, as the training step
-
     # The global micro-batches' sizes (the last one may be short).
     sizes = [min(global_batch, samples - start) for start in range(0, samples, global_batch)]
     for _ in range(2):
         for inputs, size in zip(dataset, sizes):
             step(inputs, tf.constant(size))
         if n is not None:
-            flush()
+            # Outside the strategy's scope, the window is applied in its
+            # replicas; in a tf.function, so that CountingReduction counts.
+            tf.function(optimizer.flush)()
     return helpers.weights_of(model), int(optimizer.iterations.numpy()), int(reduction.runs.numpy())
 
 
@@ -92,14 +90,36 @@ def test_mirrored_custom_loop_matches_the_big_batch_and_all_reduces_once_per_upd
                    accumulated[2] / float(small[2]))
 
 
-def test_flush_in_the_cross_replica_context_is_refused():
+@pytest.mark.parametrize("where", ["outside", "scope", "strategy.run"])
+def test_flush_applies_the_sum_of_the_replicas_means_wherever_it_is_called(where):
+    # Two replicas, each with a window of two micro-batches of global size 16:
+    # replica 0 adds gradients 1 and 2, replica 1 adds 2 and 4. The update is
+    # the sum of their means (1.5 + 3), as the optimizer all-reduces it.
     strategy = tf.distribute.MirroredStrategy(DEVICES)
     with strategy.scope():
-        variable = tf.Variable([1.0])
-        optimizer = AccumOptimizer(keras.optimizers.SGD(0.1), N)
-    strategy.run(lambda: optimizer.apply_gradients([(tf.constant([1.0]), variable)]))
-    with strategy.scope(), pytest.raises(NotImplementedError, match=r"call it inside strategy.run"):
-        optimizer.flush()
+        variable = tf.Variable([0.0, 0.0])
+        optimizer = AccumOptimizer(keras.optimizers.SGD(1.0), N)
+
+    def replica_step(gradient):
+        replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group + 1, tf.float32)
+        optimizer.apply_gradients([(gradient * replica, variable)], batch_size=16)
+
+    step = tf.function(lambda gradient: strategy.run(replica_step, args=(gradient,)))
+    step(tf.constant([1.0, 1.0]))
+    step(tf.constant([2.0, 2.0]))
+    np.testing.assert_array_equal(variable.numpy(), [0.0, 0.0])
+    if where == "outside":
+        applied = optimizer.flush()
+    elif where == "scope":
+        with strategy.scope():
+            applied = optimizer.flush()
+    else:
+        applied = strategy.experimental_local_results(
+            tf.function(lambda: strategy.run(optimizer.flush))())[0]
+    assert bool(applied)
+    np.testing.assert_allclose(variable.numpy(), [-4.5, -4.5])
+    assert int(optimizer.iterations.numpy()) == 1
+    assert not bool(optimizer.flush())  # empty now
 
 
 def test_a_replica_with_no_samples_adds_nothing_and_nothing_goes_nan():
