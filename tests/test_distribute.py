@@ -13,6 +13,7 @@ import helpers
 from gradaccum import accumulate
 
 helpers.require_mode(eager=True)
+pytestmark = pytest.mark.heavy
 
 N = 4
 GLOBAL_B = 16  # 8 samples per replica; 96 samples: windows of 4 and 2 micro-batches per epoch

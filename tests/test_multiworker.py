@@ -19,6 +19,7 @@ import pytest
 import helpers
 
 helpers.require_mode(eager=True)
+pytestmark = pytest.mark.heavy
 
 N = 4
 GLOBAL_B = 16  # 8 per worker

@@ -28,9 +28,13 @@ SAMPLES = {"whole-windows": 96, "short-last-window": 84}
 
 # Every optimizer in every mode on whole windows; the short last window (which
 # only changes what flush() and batch_size do, not the mode) in tf.function.
+# Two cases run everywhere; the rest in one environment per Keras flavour.
+LIGHT_CASES = [("adam-schedule", "function", "whole-windows"), ("momentum", "function", "short-last-window")]
 LOOP_CASES = [(optimizer, mode, "whole-windows") for optimizer in sorted(OPTIMIZERS)
               for mode in ("eager", "function", "jit")]
 LOOP_CASES += [(optimizer, "function", "short-last-window") for optimizer in sorted(OPTIMIZERS)]
+LOOP_CASES = [case if case in LIGHT_CASES else pytest.param(*case, marks=pytest.mark.heavy)
+              for case in LOOP_CASES]
 
 
 @pytest.mark.parametrize("optimizer, mode, samples", LOOP_CASES)
@@ -208,6 +212,7 @@ _RESUME = textwrap.dedent("""
 """)
 
 
+@pytest.mark.heavy
 def test_a_checkpoint_taken_mid_window_resumes_bitwise_in_a_new_process(tmp_path):
     script = tmp_path / "resume.py"
     script.write_text(_RESUME)

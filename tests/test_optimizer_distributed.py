@@ -22,6 +22,7 @@ from test_distribute import DEVICES, CountingReduction
 from test_mixed_precision import INITIAL_SCALE, MIXED_TOL, OVERFLOW_SAMPLE, loss_scale, mixed_float16  # noqa: F401
 
 helpers.require_mode(eager=True)
+pytestmark = pytest.mark.heavy
 
 N = 4
 GLOBAL_B = 16

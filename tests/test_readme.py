@@ -5,9 +5,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 import helpers
 
 helpers.require_mode(eager=True)
+pytestmark = pytest.mark.heavy
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 

@@ -1,0 +1,73 @@
+"""A Hugging Face TF model (its own train_step) compiled with AccumOptimizer, against the big batch.
+
+Runs where transformers installs beside TensorFlow: tox's py311-tf215 env
+(TF 2.15, transformers 4.44, which wants tf-keras). transformers switches
+TensorFlow to tf-keras when it is imported, so the model trains in a
+subprocess, which leaves this pytest process's Keras alone. The model is
+built from a tiny config: nothing is downloaded.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import helpers
+
+helpers.require_mode(eager=True)
+pytestmark = pytest.mark.heavy
+if importlib.util.find_spec("transformers") is None:
+    pytest.skip("transformers is not installed here (tox installs it in py311-tf215)", allow_module_level=True)
+
+_SCRIPT = textwrap.dedent("""
+    import numpy as np
+    import tensorflow as tf
+    from transformers import BertConfig, TFBertForSequenceClassification
+    from gradaccum import AccumOptimizer
+    from oracles import assert_discriminates, assert_same_training
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, num_labels=2,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    rng = np.random.RandomState(0)
+    ids = rng.randint(0, 50, size=(64, 8)).astype("int32")
+    labels = rng.randint(0, 2, size=(64,)).astype("int32")
+
+    def build():
+        model = TFBertForSequenceClassification(config)
+        model(ids[:1])
+        return model
+
+    initial = build().get_weights()
+
+    def fit(optimizer, batch_size):
+        model = build()
+        model.set_weights(initial)
+        model.compile(optimizer=optimizer)  # the model's train_step computes its own loss
+        model.fit({"input_ids": ids}, labels, batch_size=batch_size, epochs=2, shuffle=False, verbose=0)
+        return model.get_weights(), int(model.optimizer.iterations.numpy())
+
+    make = lambda: tf.keras.optimizers.SGD(0.1, momentum=0.9)
+    accumulated, steps = fit(AccumOptimizer(make(), 4), 8)  # 64 samples: whole windows
+    big, big_steps = fit(make(), 32)
+    small, _ = fit(make(), 8)
+    assert steps == big_steps == 4, (steps, big_steps)
+    error = assert_same_training(initial, accumulated, big)
+    assert_discriminates(initial, small, big)
+    print("error", error)
+""")
+
+
+def test_a_hugging_face_model_with_its_own_train_step_matches_the_big_batch(tmp_path):
+    script = tmp_path / "hf.py"
+    script.write_text(_SCRIPT)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    result = subprocess.run([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, universal_newlines=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    error = float(result.stdout.split("error")[-1].split()[0])
+    helpers.record("huggingface/TFBert own train_step", error)
