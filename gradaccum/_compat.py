@@ -225,3 +225,64 @@ def delegating_trackable_mixin():
 def track(parent, child, name):
     """Makes `tf.train.Checkpoint` save `child` as `parent`'s dependency `name`."""
     parent._track_trackable(child, name=name, overwrite=True)
+
+
+# Private attributes of Keras that gradaccum reads, each behind one helper
+# here, each with a test in tests/test_compat.py that runs on every Keras of
+# the matrix: a Keras release that moves one fails that test, by name.
+
+def is_graph_network(model):
+    """Keras 2's own word on whether `model` is functional (a graph of layers); None on Keras 3."""
+    flag = getattr(model, "_is_graph_network", None)
+    return None if flag is None else bool(flag)
+
+
+def keras2_compiled_strategy(model):
+    """The strategy a Keras 2 model was compiled under (graph-mode Keras records it), or None."""
+    return getattr(model, "_distribution_strategy", None)
+
+
+def keras2_compile_args(model, keras):
+    """The arguments a Keras 2 model was compiled with, or None if it was not compiled."""
+    if not getattr(model, "_is_compiled", False):
+        return None
+    if getattr(model, "compiled_loss", None) is None:  # graph mode: Keras' v1 training
+        return {"optimizer": model.optimizer, "loss": model.loss, "loss_weights": model.loss_weights,
+                "metrics": model._compile_metrics, "weighted_metrics": model._compile_weighted_metrics,
+                "sample_weight_mode": model.sample_weight_mode}
+    try:
+        args = {
+            "optimizer": model.optimizer,
+            "loss": model.compiled_loss._user_losses,
+            "loss_weights": model.compiled_loss._user_loss_weights,
+            "metrics": model.compiled_metrics._user_metrics,
+            "weighted_metrics": model.compiled_metrics._user_weighted_metrics,
+            "run_eagerly": model._run_eagerly,
+        }
+    except AttributeError as err:
+        raise _unreadable_compile_args(keras.__name__, err) from err
+    steps = getattr(model, "_steps_per_execution", None)
+    if steps is not None:
+        args["steps_per_execution"] = int(steps.numpy())
+    jit_compile = getattr(model, "_jit_compile", None)
+    if jit_compile is not None:
+        args["jit_compile"] = jit_compile
+    return args
+
+
+def keras3_compile_args(model, keras):
+    """The arguments a Keras 3 model was compiled with (its optimizer the instance), or None."""
+    if not getattr(model, "compiled", False):
+        return None
+    try:
+        args = dict(model._compile_config.config)
+    except AttributeError as err:
+        raise _unreadable_compile_args("Keras {}".format(keras.__version__), err) from err
+    args["optimizer"] = model.optimizer  # the instance, with its state
+    return args
+
+
+def _unreadable_compile_args(keras_name, err):
+    return RuntimeError(
+        "accumulate: cannot read the compile() arguments of this already compiled "
+        "model on {} ({}). Call accumulate(model, n) before model.compile(...).".format(keras_name, err))

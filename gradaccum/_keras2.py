@@ -40,7 +40,7 @@ class _Keras2Training(_model.Accumulating):
         # Graph-mode Keras trains under a strategy with its own distributed
         # loop, which never builds the training op from get_updates: the
         # model would train plain, one update per micro-batch.
-        strategy = getattr(self, "_distribution_strategy", None)
+        strategy = _compat.keras2_compiled_strategy(self)
         if (self._accum_n > 1 and not _compat.executing_eagerly()
                 and (strategy is not None or tf.distribute.has_strategy())):
             raise NotImplementedError(
@@ -178,34 +178,8 @@ def _run_in_keras_session(op):
 
 
 def _compile_args(model):
-    """The arguments `model` was compiled with, to compile its wrapper alike."""
-    if not getattr(model, "_is_compiled", False):
-        return None
-    if getattr(model, "compiled_loss", None) is None:  # graph mode: Keras' v1 training
-        return {"optimizer": model.optimizer, "loss": model.loss, "loss_weights": model.loss_weights,
-                "metrics": model._compile_metrics, "weighted_metrics": model._compile_weighted_metrics,
-                "sample_weight_mode": model.sample_weight_mode}
-    try:
-        args = {
-            "optimizer": model.optimizer,
-            "loss": model.compiled_loss._user_losses,
-            "loss_weights": model.compiled_loss._user_loss_weights,
-            "metrics": model.compiled_metrics._user_metrics,
-            "weighted_metrics": model.compiled_metrics._user_weighted_metrics,
-            "run_eagerly": model._run_eagerly,
-        }
-    except AttributeError as err:
-        raise RuntimeError(
-            "accumulate: cannot read the compile() arguments of this already compiled "
-            "model on {} ({}). Call accumulate(model, n) before model.compile(...)."
-            .format(keras.__name__, err)) from err
-    steps = getattr(model, "_steps_per_execution", None)
-    if steps is not None:
-        args["steps_per_execution"] = int(steps.numpy())
-    jit_compile = getattr(model, "_jit_compile", None)
-    if jit_compile is not None:
-        args["jit_compile"] = jit_compile
-    return args
+    """The arguments `model` was compiled with, to compile its wrapper alike (or None)."""
+    return _compat.keras2_compile_args(model, keras)
 
 
 _model.register_bare_names(keras, (AccumModel, AccumWrapper))

@@ -186,15 +186,5 @@ _model.register_bare_names(keras, (AccumModel, AccumWrapper))
 
 
 def _compile_args(model):
-    """The arguments `model` was compiled with, to compile its wrapper alike."""
-    if not getattr(model, "compiled", False):
-        return None
-    try:
-        args = dict(model._compile_config.config)
-    except AttributeError as err:
-        raise RuntimeError(
-            "accumulate: cannot read the compile() arguments of this already compiled "
-            "model on Keras {} ({}). Call accumulate(model, n) before model.compile(...)."
-            .format(keras.__version__, err)) from err
-    args["optimizer"] = model.optimizer  # the instance, with its state
-    return args
+    """The arguments `model` was compiled with, to compile its wrapper alike (or None)."""
+    return _compat.keras3_compile_args(model, keras)

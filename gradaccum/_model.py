@@ -24,7 +24,7 @@ import math
 
 import tensorflow as tf
 
-from ._compat import loss_scale_optimizer_classes
+from ._compat import is_graph_network, loss_scale_optimizer_classes
 from ._optimizer import AccumulatingOptimizer
 from ._window import APPLY, Window
 
@@ -73,7 +73,7 @@ def wrap(model, n, epoch_end, functional_class, wrapper_class, compile_args):
 
 def _is_functional(model):
     """Whether `model` is a graph of layers: functional, or a Sequential with an Input."""
-    flag = getattr(model, "_is_graph_network", None)  # Keras 2 says so
+    flag = is_graph_network(model)  # Keras 2 says so
     if flag is not None:
         return bool(flag)
     try:  # Keras 3: only those know their symbolic inputs and outputs

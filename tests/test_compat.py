@@ -1,0 +1,94 @@
+"""Each private attribute of Keras or TensorFlow that gradaccum reads, through its helper in _compat.
+
+One test per helper, on every Keras of the matrix: a release that moves an
+attribute fails here, by the helper's name, rather than training wrong
+somewhere else.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import helpers
+from helpers import keras
+from gradaccum import _compat
+
+EAGER = _compat.executing_eagerly()
+keras2_only = pytest.mark.skipif(helpers.KERAS3, reason="a Keras 2 attribute; this is Keras 3")
+
+
+def test_is_graph_network():
+    if helpers.KERAS3:
+        assert _compat.is_graph_network(helpers.functional_mlp()) is None
+        return
+    assert _compat.is_graph_network(helpers.functional_mlp()) is True
+    assert _compat.is_graph_network(helpers.sequential_mlp()) is True
+    assert _compat.is_graph_network(helpers.subclassed_mlp()) is False
+
+
+@keras2_only
+def test_keras2_compile_args():
+    model = helpers.functional_mlp()
+    assert _compat.keras2_compile_args(model, keras) is None
+    optimizer = keras.optimizers.SGD(0.1) if EAGER else getattr(keras.optimizers, "legacy", keras.optimizers).SGD(0.1)
+    options = {"jit_compile": True} if EAGER and helpers.HAS_JIT_COMPILE else {}
+    model.compile(optimizer, loss="mse", loss_weights=[0.5], metrics=["mae"], **options)
+    args = _compat.keras2_compile_args(model, keras)
+    assert args["optimizer"] is model.optimizer
+    assert args["loss"] == "mse" and list(args["loss_weights"]) == [0.5]
+    assert "mae" in list(tf.nest.flatten(args["metrics"]))
+    if options:
+        assert args["jit_compile"] is True
+
+
+@pytest.mark.skipif(not helpers.KERAS3, reason="a Keras 3 attribute; this is Keras 2")
+def test_keras3_compile_args():
+    model = helpers.functional_mlp()
+    assert _compat.keras3_compile_args(model, keras) is None
+    optimizer = keras.optimizers.SGD(0.1)
+    model.compile(optimizer, loss="mse", loss_weights=[0.5], metrics=["mae"], jit_compile=True,
+                  steps_per_execution=3)
+    args = _compat.keras3_compile_args(model, keras)
+    assert args["optimizer"] is optimizer
+    assert args["loss"] == "mse" and list(args["loss_weights"]) == [0.5] and args["metrics"] == ["mae"]
+    assert args["jit_compile"] is True and args["steps_per_execution"] == 3
+
+
+@keras2_only
+@pytest.mark.skipif(EAGER, reason="graph-mode Keras records the strategy it was compiled under")
+def test_keras2_compiled_strategy():
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with strategy.scope():
+        model = helpers.functional_mlp()
+        model.compile(getattr(keras.optimizers, "legacy", keras.optimizers).SGD(0.1), "mse")
+    assert _compat.keras2_compiled_strategy(model) is strategy
+    plain = helpers.functional_mlp()
+    plain.compile("sgd", "mse")
+    assert _compat.keras2_compiled_strategy(plain) is None
+
+
+@pytest.mark.skipif(not EAGER, reason="checkpoints of eager objects")
+def test_track_makes_a_checkpoint_dependency(tmp_path):
+    parent, child = tf.Module(), tf.Module()
+    child.value = tf.Variable(3.0)
+    _compat.track(parent, child, "gradaccum")
+    path = tf.train.Checkpoint(parent=parent).write(str(tmp_path / "ckpt"))
+    names = list(tf.train.load_checkpoint(path).get_variable_to_shape_map())
+    assert any("parent/gradaccum/value" in name for name in names), names
+
+
+@pytest.mark.skipif(not EAGER or helpers.KERAS3, reason="the Keras 2 optimizer wrapper's TensorFlow mixins")
+def test_keras2_wrapper_checkpoints_as_the_optimizer_it_wraps(tmp_path):
+    # DelegatingTrackableMixin: the wrapper's checkpoint is the wrapped
+    # optimizer's, plus the window ("gradaccum").
+    from gradaccum import AccumOptimizer
+    variable = tf.Variable([1.0, 2.0])
+    inner = keras.optimizers.SGD(0.1, momentum=0.9)
+    optimizer = AccumOptimizer(inner, 2)
+    optimizer.apply_gradients([(tf.constant([1.0, 1.0]), variable)])
+    path = tf.train.Checkpoint(optimizer=optimizer, variable=variable).write(str(tmp_path / "ckpt"))
+    names = list(tf.train.load_checkpoint(path).get_variable_to_shape_map())
+    # The wrapped optimizer's step counter ("iter" or "_iterations"), at the top.
+    assert any(name.startswith("optimizer/") and "iter" in name.split("/")[1] for name in names), names
+    assert any(name.startswith("optimizer/gradaccum/") for name in names), names
+    np.testing.assert_array_equal(variable.numpy(), [1.0, 2.0])
