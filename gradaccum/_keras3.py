@@ -13,6 +13,15 @@ the other micro-steps the optimizer is not called at all, so its iterations,
 slots, learning-rate schedule, gradient clipping, weight decay and EMA act
 once per update, on the accumulated gradient, as on the big batch.
 What Keras 2 and 3 models share is in `_model`.
+
+Why stand-ins, now that an AccumOptimizer exists that Keras could be compiled
+with (as it wraps a LossScaleOptimizer around yours): the model route sees
+each micro-batch's data, so it weights a short micro-batch by its size and
+applies a partial window at an epoch's end; an optimizer compiled into Keras'
+step sees neither. And `model.optimizer` stays the user's optimizer, which
+callbacks, saved configs and the compile arguments kept by `accumulate` refer
+to. The stand-ins are checked: a trace that did not call a stood-in method
+raises, rather than training every micro-batch.
 """
 
 import contextlib
