@@ -300,3 +300,28 @@ def test_keras3_minimize_is_refused_clearly():
     variable = tf.Variable(1.0)
     with pytest.raises(TypeError, match=r"Keras 3 optimizers have no minimize.*Received: minimize\(function"):
         opt.minimize(lambda: variable * 2.0, [variable])
+
+
+@helpers.keras3_only
+def test_keras3_apply_adds_micro_batches_as_apply_gradients_does():
+    x, y = helpers.data(32)
+    initial = helpers.weights_of(helpers.functional_mlp())
+
+    def train(use_apply):
+        model = helpers.fresh(helpers.functional_mlp, initial)
+        opt = AccumOptimizer(keras.optimizers.Adam(0.01), N)
+        for i in range(0, 32, B):
+            with tf.GradientTape() as tape:
+                loss = helpers.mse_with_regularizers(model, x[i:i + B], y[i:i + B])
+            grads = tape.gradient(loss, model.trainable_variables)
+            if use_apply:
+                opt.apply(grads, model.trainable_variables)
+            else:
+                opt.apply_gradients(zip(grads, model.trainable_variables))
+        return helpers.weights_of(model), int(opt.iterations.numpy())
+
+    (applied, steps), (reference, reference_steps) = train(True), train(False)
+    assert steps == reference_steps == 1
+    for got, want in zip(applied, reference):
+        np.testing.assert_array_equal(got, want)
+    assert any(np.any(w != i) for w, i in zip(applied, initial))
