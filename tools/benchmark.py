@@ -4,11 +4,13 @@ Run it through tools/benchmark.sh, which builds the two environments and
 merges their results; this script measures what the interpreter running it
 can import:
 
-- gradaccum's `accumulate(model, n)` at micro-batch b, plain Keras at b, and a
+- gradaccum's `accumulate(model, n)` and its optimizer wrapper
+  `AccumOptimizer(optimizer, n)` at micro-batch b, plain Keras at b, and a
   "floor" that computes the gradients (forward and backward) and reduces them
   to one number without applying them, everywhere;
 - Keras 3's optimizer option `gradient_accumulation_steps=n`, on Keras 3;
-- gradient-accumulator 0.5.2's `GradientAccumulateModel`, where installed.
+- gradient-accumulator 0.5.2's `GradientAccumulateModel` and
+  `GradientAccumulateOptimizer`, where installed.
 
 Throughput variants are interleaved in one process, round after round, and
 reported as best-of-rounds with their spread, and as ratios to plain training
@@ -109,7 +111,7 @@ def floor_model(keras, model):
 
 def variants(keras):
     """name -> (make(model, n) -> compiled model). What this environment can run."""
-    from gradaccum import _compat, accumulate
+    from gradaccum import AccumOptimizer, _compat, accumulate
 
     def optimizer(**kwargs):
         return keras.optimizers.SGD(0.01, momentum=0.9, **kwargs)
@@ -121,18 +123,28 @@ def variants(keras):
     found = {
         "plain": lambda model, n: compiled(model, optimizer()),
         "gradaccum": lambda model, n: compiled(accumulate(model, n), optimizer()),
+        # The optimizer wrapper, as custom loops and models with their own
+        # train_step use it (here through Keras' train_step).
+        "gradaccum-optimizer": lambda model, n: compiled(
+            model, AccumOptimizer(optimizer(), n) if n > 1 else optimizer()),
         "floor": lambda model, n: compiled(floor_model(keras, model), optimizer()),
     }
     if _compat.keras_major(keras) >= 3:
         found["keras3-option"] = lambda model, n: compiled(
             model, optimizer(gradient_accumulation_steps=n) if n > 1 else optimizer())
     try:
-        from gradient_accumulator import GradientAccumulateModel
+        from gradient_accumulator import GradientAccumulateModel, GradientAccumulateOptimizer
     except ImportError:
         pass
     else:
         found["gradient-accumulator"] = lambda model, n: compiled(
             GradientAccumulateModel(accum_steps=n, inputs=model.input, outputs=model.output), optimizer())
+        # Its optimizer wrapper needs an OptimizerV2 (it calls _create_slots):
+        # on Keras >= 2.11 that is the legacy SGD, the same algorithm.
+        legacy_sgd = getattr(keras.optimizers, "legacy", keras.optimizers).SGD
+        found["gradient-accumulator-optimizer"] = lambda model, n: compiled(
+            model, GradientAccumulateOptimizer(optimizer=legacy_sgd(0.01, momentum=0.9), accum_steps=n)
+            if n > 1 else optimizer())
     return found
 
 
