@@ -15,7 +15,10 @@ class of their Keras, as Keras' own LossScaleOptimizer wraps an optimizer:
   set the wrapped one's;
 - the window's variables are tracked as the wrapper's checkpoint dependency
   "gradaccum", so `tf.train.Checkpoint(optimizer=opt)` saves and restores an
-  open window; `model.get_weights()` never contains them.
+  open window; `model.get_weights()` never contains them. A `.keras` file
+  (Keras' `saving_lib`, Keras >= 2.13 and Keras 3) saves them too, as the
+  wrapper's own variables; the wrapped optimizer saves its own as the
+  wrapper's child `inner_optimizer`.
 
 The arithmetic is `Window`'s; the Keras-specific parts are the route's hooks:
 `inner_optimizer` (the wrapped optimizer), `_accum_loss_scaling()`,
@@ -24,6 +27,7 @@ The arithmetic is `Window`'s; the Keras-specific parts are the route's hooks:
 
 import numbers
 
+import numpy as np
 import tensorflow as tf
 
 from ._window import Window
@@ -96,6 +100,23 @@ class AccumulatingOptimizer(object):
                 "variables are unknown. Call flush(var_list=model.trainable_variables). "
                 "Received: var_list=None")
         return window.flush(self._accum_apply)
+
+    # Keras' saving_lib (`.keras` files, `save_weights`) saves each object's
+    # own variables, then visits its children, `inner_optimizer` among them.
+    # A wrapper's own variables are the window's, by name ("/" would make
+    # HDF5 groups: "|" stands for it).
+
+    def save_own_variables(self, store):
+        """Saves the open window, so that a model saved mid-window resumes it."""
+        for name, value in self._accum_window.values().items():
+            store[name.replace("/", "|")] = value
+
+    def load_own_variables(self, store):
+        """Restores the window that `save_own_variables` saved."""
+        # (Copied: Keras 2's store gives HDF5 datasets, unreadable once the
+        # file is closed, and a sum is assigned only when it is made.)
+        self._accum_window.restore(
+            {key.replace("|", "/"): np.array(store[key]) for key in store.keys()})
 
     def _accum_refuse_outer_loss_scaling(self):
         """Raises: a LossScaleOptimizer is wrapping this AccumOptimizer (route's hook calls it)."""

@@ -77,6 +77,8 @@ class Window(object):
         # mean covers all of them: a variable whose gradient is None in one
         # micro-batch of a window but not in another keeps its sum.
         self.variables = []
+        # Saved values of variables not created yet (see `restore`), by name.
+        self._pending = {}
 
     @property
     def built(self):
@@ -300,6 +302,29 @@ class Window(object):
         return ([self.count, self.weight, self.epoch_step, self.epoch_steps]
                 + list(self._sums.values()) + list(self._rows.values()))
 
+    def values(self):
+        """{name: value} of every window variable, for a saver other than tf.train.Checkpoint.
+
+        Under a strategy a sum is read as its replicas' total, as
+        tf.train.Checkpoint reads it; `restore` splits it back.
+        """
+        return {name: var.numpy() for name, var in self.state.by_name.items()}
+
+    def restore(self, values):
+        """Assigns saved `values` (from `values()`) by name; eagerly.
+
+        A sum of a variable whose accumulator does not exist yet (they are
+        made at the first gradient) gets its value when it is made, as
+        tf.train.Checkpoint's deferred restoration does.
+        """
+        self.build()
+        for name, value in values.items():
+            variable = self.state.by_name.get(name)
+            if variable is None:
+                self._pending[name] = value
+            else:
+                variable.assign(value)
+
     def epoch_start_values(self, steps):
         """(variable, value) pairs that announce an epoch of `steps` micro-batches.
 
@@ -329,6 +354,8 @@ class Window(object):
         while key in self.state.by_name:
             key, suffix = "{}_{}".format(name, suffix), suffix + 1
         self.state.by_name[key] = variable
+        if key in self._pending:  # (created under init_scope: assigned eagerly)
+            variable.assign(self._pending.pop(key))
         return variable
 
 
