@@ -38,6 +38,28 @@ def assert_discriminates(initial, small, reference):
     return error
 
 
+def differential(name, initial, run, n, b, rel_tol=REL_TOL):
+    """The check behind every exactness claim: gradaccum at (b, n) against plain n*b and b.
+
+    `run(n, batch_size)` trains from `initial` and returns (weights, optimizer
+    steps, anything more): through gradaccum with n micro-batches per update
+    when n is given, plainly when it is None. The accumulated run must take
+    the big batch's steps and end within `rel_tol` of its weights, and plain
+    training at b must not (or the test could pass without accumulation).
+    Records the error under `name`.
+
+    Returns:
+        (accumulated, big, small): what `run` returned for each.
+    """
+    accumulated, big, small = run(n, b), run(None, n * b), run(None, b)
+    assert accumulated[1] == big[1], "optimizer steps: accumulated {} vs big batch {}".format(
+        accumulated[1], big[1])
+    error = assert_same_training(initial, accumulated[0], big[0], rel_tol)
+    assert_discriminates(initial, small[0], big[0])
+    record(name, error)
+    return accumulated, big, small
+
+
 def record(name, value):
     """Appends a measured figure to $GRADACCUM_FIGURES, for closing notes."""
     path = os.environ.get("GRADACCUM_FIGURES")

@@ -78,15 +78,10 @@ def test_mirrored_matches_the_big_batch_and_all_reduces_once_per_update(optimize
             reason = next((line for line in lines if "device" in line), lines[0] if lines else "")
             pytest.skip("plain Keras training itself fails with jit_compile=True under "
                         "MirroredStrategy on this machine's logical CPUs: {}".format(reason.strip()[:300]))
-    accumulated = train(initial, N, GLOBAL_B, make_optimizer, jit_compile)
-    big = train(initial, None, N * GLOBAL_B, make_optimizer, jit_compile)
-    small = train(initial, None, GLOBAL_B, make_optimizer, jit_compile)
-
-    assert accumulated[1] == big[1] == 4, "optimizer steps: accumulated {} vs big batch {}".format(
-        accumulated[1], big[1])
-    error = helpers.assert_same_training(initial, accumulated[0], big[0])
-    helpers.assert_discriminates(initial, small[0], big[0])
-    helpers.record("mirrored/{}/{}".format(optimizer, "jit" if jit_compile else "eager"), error)
+    accumulated, big, small = helpers.differential(
+        "mirrored/{}/{}".format(optimizer, "jit" if jit_compile else "eager"), initial,
+        lambda n, batch_size: train(initial, n, batch_size, make_optimizer, jit_compile), N, GLOBAL_B)
+    assert big[1] == 4, "big-batch steps: {}".format(big[1])
 
     # Communication: plain training at the same micro-batch all-reduces its
     # gradients every step; accumulation only in the steps that update.

@@ -28,16 +28,15 @@ def train(model, x, y, batch_size, optimizer, epochs=2, loss="mse", compile_kwar
 def compare(model_factory, make_optimizer, x, y, name, n=N, b=B, epoch_end="apply", **kwargs):
     """Trains accumulated (b, n), big (n*b) and small (b) from one start; checks and returns errors."""
     initial = helpers.weights_of(model_factory())
-    accumulated, acc_steps, history = train(
-        accumulate(helpers.fresh(model_factory, initial), n, epoch_end=epoch_end),
-        x, y, b, make_optimizer(), **kwargs)
-    big, big_steps, _ = train(helpers.fresh(model_factory, initial), x, y, n * b, make_optimizer(), **kwargs)
-    small, _, _ = train(helpers.fresh(model_factory, initial), x, y, b, make_optimizer(), **kwargs)
-    assert acc_steps == big_steps, "optimizer steps: accumulated {} vs big batch {}".format(acc_steps, big_steps)
-    error = helpers.assert_same_training(initial, accumulated, big)
-    helpers.assert_discriminates(initial, small, big)
-    helpers.record(name, error)
-    return history
+
+    def run(n, batch_size):
+        model = helpers.fresh(model_factory, initial)
+        if n is not None:
+            model = accumulate(model, n, epoch_end=epoch_end)
+        return train(model, x, y, batch_size, make_optimizer(), **kwargs)
+
+    accumulated, _, _ = helpers.differential(name, initial, run, n, b)
+    return accumulated[2]  # its History
 
 
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))

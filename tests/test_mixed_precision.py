@@ -59,15 +59,14 @@ def train(model, x, y, batch_size, make_optimizer, jit_compile, epochs=2):
 
 def compare(x, y, make_optimizer, jit_compile, name, model_factory=helpers.functional_mlp):
     initial = helpers.weights_of(model_factory())
-    accumulated = train(accumulate(helpers.fresh(model_factory, initial), N),
-                        x, y, B, make_optimizer, jit_compile)
-    big = train(helpers.fresh(model_factory, initial), x, y, N * B, make_optimizer, jit_compile)
-    small = train(helpers.fresh(model_factory, initial), x, y, B, make_optimizer, jit_compile)
-    assert accumulated[1] == big[1], "optimizer steps: accumulated {} vs big batch {}".format(accumulated[1], big[1])
+
+    def run(n, batch_size):
+        model = helpers.fresh(model_factory, initial)
+        return train(accumulate(model, n) if n is not None else model, x, y, batch_size, make_optimizer,
+                     jit_compile)
+
+    accumulated, big, small = helpers.differential(name, initial, run, N, B, rel_tol=MIXED_TOL)
     assert accumulated[2] == big[2], "loss scale: accumulated {} vs big batch {}".format(accumulated[2], big[2])
-    error = helpers.assert_same_training(initial, accumulated[0], big[0], rel_tol=MIXED_TOL)
-    helpers.assert_discriminates(initial, small[0], big[0])
-    helpers.record(name, error)
     return initial, accumulated, big, small
 
 

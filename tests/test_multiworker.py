@@ -117,24 +117,18 @@ def test_two_workers_match_one_process_training_the_big_batch(tmp_path, optimize
     workdir = str(tmp_path)
     initial = helpers.weights_of(helpers.functional_mlp())
     prepare(workdir, initial, N, optimizer)
-    (first, first_steps), (second, second_steps) = run_workers(workdir)
-
     x, y = helpers.data()
 
-    def plain(batch_size):
+    def run(n, batch_size):
+        if n is not None:
+            return agreed(run_workers(workdir))
         model = helpers.fresh(helpers.functional_mlp, initial)
         model.compile(OPTIMIZERS[optimizer](), "mse")
         model.fit(x, y, batch_size=batch_size, epochs=2, shuffle=False, verbose=0)
         return helpers.weights_of(model), helpers.steps_of(model)
 
-    big, big_steps = plain(N * GLOBAL_B)
-    small, _ = plain(GLOBAL_B)
-    for a, b in zip(first, second):
-        np.testing.assert_array_equal(a, b, err_msg="the two workers' weights differ")
-    assert first_steps == second_steps == big_steps == 4
-    error = helpers.assert_same_training(initial, first, big)
-    helpers.assert_discriminates(initial, small, big)
-    helpers.record("multiworker/" + optimizer, error)
+    _, big, _ = helpers.differential("multiworker/" + optimizer, initial, run, N, GLOBAL_B)
+    assert big[1] == 4
 
 
 def test_a_custom_loop_on_two_workers_matches_one_process_looping_over_the_big_batch(tmp_path):
@@ -143,14 +137,21 @@ def test_a_custom_loop_on_two_workers_matches_one_process_looping_over_the_big_b
     workdir = str(tmp_path)
     initial = helpers.weights_of(helpers.functional_mlp())
     prepare(workdir, initial, N, "momentum", loop=True)
-    (first, first_steps), (second, second_steps) = run_workers(workdir)
     x, y = helpers.data()
-    big, big_steps, _ = helpers.train_loop(helpers.functional_mlp, initial, OPTIMIZERS["momentum"], x, y,
-                                           N * GLOBAL_B)
-    small, _, _ = helpers.train_loop(helpers.functional_mlp, initial, OPTIMIZERS["momentum"], x, y, GLOBAL_B)
+
+    def run(n, batch_size):
+        if n is not None:
+            return agreed(run_workers(workdir))
+        return helpers.train_loop(helpers.functional_mlp, initial, OPTIMIZERS["momentum"], x, y, batch_size)
+
+    _, big, _ = helpers.differential("multiworker-loop/momentum", initial, run, N, GLOBAL_B)
+    assert big[1] == 4
+
+
+def agreed(workers):
+    """The two workers' (weights, steps), which must be equal."""
+    (first, first_steps), (second, second_steps) = workers
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b, err_msg="the two workers' weights differ")
-    assert first_steps == second_steps == big_steps == 4
-    error = helpers.assert_same_training(initial, first, big)
-    helpers.assert_discriminates(initial, small, big)
-    helpers.record("multiworker-loop/momentum", error)
+    assert first_steps == second_steps, "the workers' steps differ: {} and {}".format(first_steps, second_steps)
+    return first, first_steps

@@ -74,14 +74,11 @@ def mirrored_loop(initial, n, global_batch, make_optimizer, samples, count_globa
 def test_mirrored_custom_loop_matches_the_big_batch_and_all_reduces_once_per_update(optimizer):
     make_optimizer = OPTIMIZERS[optimizer]
     initial = helpers.weights_of(helpers.functional_mlp())
-    accumulated = mirrored_loop(initial, N, GLOBAL_B, make_optimizer, 96)
-    big = mirrored_loop(initial, None, N * GLOBAL_B, make_optimizer, 96)
-    small = mirrored_loop(initial, None, GLOBAL_B, make_optimizer, 96)
+    accumulated, big, small = helpers.differential(
+        "loop-mirrored/" + optimizer, initial,
+        lambda n, batch_size: mirrored_loop(initial, n, batch_size, make_optimizer, 96), N, GLOBAL_B)
     # 96 samples: 6 micro-batches of 16 per epoch, windows of 4 and 2 (flushed).
-    assert accumulated[1] == big[1] == 4
-    error = helpers.assert_same_training(initial, accumulated[0], big[0])
-    helpers.assert_discriminates(initial, small[0], big[0])
-    helpers.record("loop-mirrored/" + optimizer, error)
+    assert big[1] == 4
     per_step, remainder = divmod(small[2], small[1])
     assert per_step >= 1 and remainder == 0, "plain: {} all-reduces in {} steps".format(small[2], small[1])
     assert accumulated[2] == per_step * accumulated[1], (
@@ -177,16 +174,13 @@ def test_mixed_precision_custom_loop_matches_the_big_batch(mixed_float16, overfl
         x[OVERFLOW_SAMPLE] = 1e5
     initial = helpers.weights_of(helpers.functional_mlp())
     make_optimizer = OPTIMIZERS["momentum"]
-    accumulated = mixed_loop(initial, N, 8, make_optimizer, x, y)
-    big = mixed_loop(initial, None, N * 8, make_optimizer, x, y)
-    small = mixed_loop(initial, None, 8, make_optimizer, x, y)
-    assert accumulated[1] == big[1]
+    accumulated, big, _ = helpers.differential(
+        "loop-mixed/" + ("overflow" if overflow else "finite"), initial,
+        lambda n, batch_size: mixed_loop(initial, n, batch_size, make_optimizer, x, y), N, 8,
+        rel_tol=MIXED_TOL)
     assert accumulated[2] == big[2], "loss scale: accumulated {} vs big batch {}".format(accumulated[2], big[2])
     if overflow:
         assert accumulated[2] == INITIAL_SCALE / 4
-    error = helpers.assert_same_training(initial, accumulated[0], big[0], rel_tol=MIXED_TOL)
-    helpers.assert_discriminates(initial, small[0], big[0])
-    helpers.record("loop-mixed/" + ("overflow" if overflow else "finite"), error)
 
 
 def test_a_loss_scale_optimizer_around_the_wrapper_is_refused(mixed_float16):

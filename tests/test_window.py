@@ -8,7 +8,6 @@ independently with numpy, as optax's `_accumulation_test.py` tests
 """
 
 import numpy as np
-import pytest
 import tensorflow as tf
 
 import helpers
