@@ -41,10 +41,11 @@ def data(n_samples=96, n_features=5, n_outputs=3, seed=0):
     return x, y
 
 
-def functional_mlp(n_features=5, n_outputs=3):
+def functional_mlp(n_features=5, n_outputs=3, l2=1e-2):
     inputs = keras.Input((n_features,))
     hidden = keras.layers.Dense(
-        8, activation="tanh", kernel_regularizer=keras.regularizers.l2(1e-2), name="hidden")(inputs)
+        8, activation="tanh", kernel_regularizer=keras.regularizers.l2(l2) if l2 else None,
+        name="hidden")(inputs)
     outputs = keras.layers.Dense(n_outputs, name="out")(hidden)
     return keras.Model(inputs, outputs, name="mlp")
 

@@ -6,6 +6,7 @@ replicas all-reduce once per window, inside the update; the counting
 cross-device ops below count the all-reduces that actually run.
 """
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -43,16 +44,17 @@ class CountingReduction(tf.distribute.ReductionToOneDevice):
         return super(CountingReduction, self).batch_reduce_implementation(*args, **kwargs)
 
 
-def train(initial, n, batch_size, make_optimizer, jit_compile, unknown_length=False):
+def train(initial, n, batch_size, make_optimizer, jit_compile, unknown_length=False, samples=96,
+          model_factory=helpers.functional_mlp):
     """(weights, optimizer steps, all-reduces run) of 2 epochs under a fresh MirroredStrategy."""
     reduction = CountingReduction()
     strategy = tf.distribute.MirroredStrategy(DEVICES, cross_device_ops=reduction)
     with strategy.scope():
-        model = helpers.fresh(helpers.functional_mlp, initial)
+        model = helpers.fresh(model_factory, initial)
         if n is not None:
             model = accumulate(model, n)
         model.compile(make_optimizer(), "mse", **({"jit_compile": True} if jit_compile else {}))
-    x, y = helpers.data()
+    x, y = helpers.data(samples)
     if unknown_length:
         # A pipeline whose length fit cannot know: the last, partial window
         # of each epoch is applied after the epoch, outside the training step.
@@ -102,3 +104,24 @@ def test_a_partial_window_after_an_epoch_of_unknown_length_is_applied_on_every_r
     big = train(initial, None, N * GLOBAL_B, make_optimizer, False)
     assert accumulated[1] == big[1] == 4
     helpers.record("mirrored/unknown-length epochs", helpers.assert_same_training(initial, accumulated[0], big[0]))
+
+
+def test_a_replica_with_no_samples_adds_nothing_and_nothing_becomes_nan():
+    # 129 samples: each epoch ends with a window of one global micro-batch of
+    # 1 sample, so the second replica's window holds no sample, and its mean
+    # is 0/0 (gradaccum once turned every weight nan here). The big batch's
+    # last batch also gives that replica nothing; plain Keras trains on.
+    # Without regularizers: a replica with no sample in a whole window adds
+    # no regularization gradient either, where Keras' big batch adds that
+    # replica's share (README, "tf.distribute").
+    def unregularized():
+        return helpers.functional_mlp(l2=0)
+
+    make_optimizer = OPTIMIZERS["adam"]
+    initial = helpers.weights_of(unregularized())
+    accumulated, big, _ = helpers.differential(
+        "mirrored/zero-sample replica", initial,
+        lambda n, batch_size: train(initial, n, batch_size, make_optimizer, False, samples=129,
+                                    model_factory=unregularized), N, GLOBAL_B)
+    assert all(np.all(np.isfinite(w)) for w in accumulated[0]), "non-finite weights"
+    assert big[1] == 6
