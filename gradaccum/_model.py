@@ -191,7 +191,18 @@ class Accumulating(object):
             args[_FIT_CALLBACKS_INDEX] = self._accum_callbacks(args[_FIT_CALLBACKS_INDEX], verbose)
         else:
             kwargs["callbacks"] = self._accum_callbacks(kwargs.get("callbacks"), verbose)
-        return super(Accumulating, self).fit(*args, **kwargs)
+        try:
+            return super(Accumulating, self).fit(*args, **kwargs)
+        except BaseException:
+            # Interrupted (an error, Ctrl-C) mid-window. Under "apply" the
+            # open micro-batches belong to a big batch cut off half-way,
+            # which is lost, as it would be without accumulation: the next
+            # fit starts a window of its own. ("carry" keeps it, as it keeps
+            # windows across epochs and fits.)
+            if self._accum_epoch_end == APPLY and self._accum_window.built:
+                with strategy_of(self).scope():
+                    self._accum_set(self._accum_window.empty_values())
+            raise
 
     def _accum_callbacks(self, callbacks, verbose):
         if isinstance(callbacks, getattr(self._keras.callbacks, "CallbackList", ())):
@@ -200,7 +211,10 @@ class Accumulating(object):
                 "accumulating model. Received: a CallbackList")
         callbacks = self._accum_progress_bar(list(callbacks or []), verbose)
         if self._accum_n > 1:
-            callbacks.append(self._window_callback())
+            # First: at an epoch's end it applies a partial window and sets
+            # `updates`, and every other callback (a checkpoint, a logger, a
+            # progress bar, early stopping) must see the epoch's final weights.
+            callbacks.insert(0, self._window_callback())
         return callbacks
 
     def _accum_check_fit(self):

@@ -26,6 +26,7 @@ returns its op so that graph-mode callers can order them with control
 dependencies (in a `tf.function`, program order is kept automatically).
 """
 
+import numpy as np
 import tensorflow as tf
 
 from ._compat import variable_key
@@ -294,6 +295,14 @@ class Window(object):
         grads_and_vars = list(grads_and_vars)
         grads = unscale_fn([grad for grad, _ in grads_and_vars])
         return multiplied(zip(grads, [var for _, var in grads_and_vars]), self.n)
+
+    def empty_values(self):
+        """(variable, value) pairs that empty the window, for a caller outside the training function."""
+        if not self.built:
+            return []
+        pairs = [(total, np.zeros(total.shape, total.dtype.as_numpy_dtype)) for total in self._sums.values()]
+        pairs += [(rows, np.zeros(rows.shape, np.int32)) for rows in self._rows.values()]
+        return pairs + [(self.weight, 0.0), (self.count, 0)]
 
     def all_variables(self):
         """Every variable the window created (counters, sums, row markers)."""

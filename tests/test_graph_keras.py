@@ -146,6 +146,25 @@ def test_weights_and_iterations_move_only_when_a_window_completes():
         assert iterations(model) == step // 3
 
 
+def test_an_interrupted_fit_leaves_no_open_window_to_the_next_fit():
+    class Interrupt(keras.callbacks.Callback):
+        def on_batch_end(self, batch, logs=None):  # (TF 1.x's Keras calls this one)
+            if batch == 1:  # 2 micro-batches in the open window
+                raise KeyboardInterrupt
+
+    x, y = helpers.data(32)  # one window
+    initial = helpers.weights_of(helpers.functional_mlp())
+    model = accumulate(helpers.fresh(helpers.functional_mlp, initial), 4)
+    model.compile(optimizer=OPTIMIZERS["nesterov"](), loss="mse")
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[Interrupt()])
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    big, big_steps = train(helpers.fresh(helpers.functional_mlp, initial), x, y, 32, OPTIMIZERS["nesterov"](),
+                           epochs=1)
+    assert iterations(model) == big_steps == 1  # it once applied 2, the first mixing in the cut-off micro-batches
+    helpers.assert_same_training(initial, helpers.weights_of(model), big)
+
+
 def test_n_equal_one_is_plain_training():
     x, y = helpers.data(SAMPLES)
     initial = helpers.weights_of(helpers.functional_mlp())
