@@ -237,6 +237,27 @@ def is_graph_network(model):
     return None if flag is None else bool(flag)
 
 
+def built_input_shape(model):
+    """The input shape a built model was built for, batch dimension None; None if unknown.
+
+    Keras 3 and Keras >= 2.13 say it in `get_build_config()`; older Keras 2
+    records the input spec it was first called with (`_saved_model_inputs_spec`).
+    Only a single input's shape is returned (nested inputs: None).
+    """
+    shape = None
+    config = model.get_build_config() if hasattr(model, "get_build_config") else None
+    if config and "input_shape" in config:
+        shape = config["input_shape"]
+    else:
+        spec = getattr(model, "_saved_model_inputs_spec", None)
+        shape = getattr(spec, "shape", None)
+    try:
+        dims = tf.TensorShape(shape).as_list() if shape is not None else None
+    except (TypeError, ValueError):  # nested (several inputs)
+        return None
+    return None if not dims else tuple([None] + dims[1:])
+
+
 def keras2_compiled_strategy(model):
     """The strategy a Keras 2 model was compiled under (graph-mode Keras records it), or None."""
     return getattr(model, "_distribution_strategy", None)

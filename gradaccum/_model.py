@@ -24,7 +24,7 @@ import math
 
 import tensorflow as tf
 
-from ._compat import is_graph_network, loss_scale_optimizer_classes
+from ._compat import built_input_shape, is_graph_network, loss_scale_optimizer_classes
 from ._optimizer import AccumulatingOptimizer
 from ._window import APPLY, Window
 
@@ -313,6 +313,17 @@ class WrapperMixin(object):
         super(WrapperMixin, self).__init__(**kwargs)  # keras.Model's, subclassed
         self.wrapped = model
         self._init_accumulation(n, epoch_end)
+        # A model built before wrapping gives a built wrapper, so that its
+        # weights save and load before any training (Keras refuses both on an
+        # unbuilt subclassed model).
+        if model.built:
+            shape = built_input_shape(model)
+            if shape is not None:
+                self.build(shape)
+            elif is_graph_network(model) is not None:
+                # Keras 2 in graph mode records no input shape; its variables
+                # are the wrapped model's, which exist.
+                self.built = True
 
     def call(self, inputs, training=None):
         return self.wrapped(inputs, training=training)

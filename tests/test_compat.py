@@ -26,6 +26,13 @@ def test_is_graph_network():
     assert _compat.is_graph_network(helpers.subclassed_mlp()) is False
 
 
+def test_built_input_shape():
+    assert _compat.built_input_shape(helpers.subclassed_mlp()) in ((None, 5), None)
+    if EAGER:  # graph-mode Keras 2 records no shape (the wrapper is then marked built)
+        assert _compat.built_input_shape(helpers.subclassed_mlp()) == (None, 5)
+    assert not helpers.SubclassedMLP().built
+
+
 @keras2_only
 def test_keras2_compile_args():
     model = helpers.functional_mlp()
