@@ -24,7 +24,7 @@ import math
 
 import tensorflow as tf
 
-from ._compat import built_input_shape, is_graph_network, loss_scale_optimizer_classes
+from ._compat import built_input_shape, is_graph_network, loss_scale_optimizer_classes, track
 from ._optimizer import AccumulatingOptimizer
 from ._window import APPLY, Window
 
@@ -161,9 +161,12 @@ class Accumulating(object):
     def _init_accumulation(self, n, epoch_end):
         self._accum_n = n
         self._accum_epoch_end = epoch_end
-        # A plain object, so that Keras tracks none of its variables: they are
-        # not weights, and must not appear in get_weights() or weight files.
+        # A plain attribute, so that Keras does not take its variables for
+        # weights: they must not appear in get_weights() or weight files. Its
+        # state is a checkpoint dependency instead, so tf.train.Checkpoint
+        # (and what Keras builds on it) saves and restores an open window.
         self._accum_window = Window(n)
+        track(self, self._accum_window.state, "gradaccum")
 
     @property
     def n(self):

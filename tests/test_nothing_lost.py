@@ -120,3 +120,39 @@ def test_a_subclassed_model_built_before_wrapping_saves_and_loads_weights_before
     x, y = helpers.data(32)
     other.compile(helpers.OPTIMIZERS["sgd"](), "mse")
     assert other.fit(x, y, batch_size=B, verbose=0).history["updates"] == [1]
+
+
+def test_a_checkpoint_of_the_model_taken_mid_window_resumes_bitwise(tmp_path):
+    # epoch_end="carry": the window stays open between fits, so a fit that
+    # ends mid-window leaves micro-batches that a checkpoint must hold.
+    # (It once lost them: the resumed run ended 3e-2 away.)
+    x, y = helpers.data(96)
+    initial = helpers.weights_of(helpers.functional_mlp())
+
+    def compiled():
+        model = accumulate(helpers.fresh(helpers.functional_mlp, initial), N, epoch_end="carry")
+        model.compile(helpers.OPTIMIZERS["momentum"](), "mse")
+        return model
+
+    def resumed(path, keep_window=True):
+        model = compiled()
+        tf.train.Checkpoint(model=model, optimizer=model.optimizer).restore(path)
+        if not keep_window:
+            model._accum_window.build()
+            model._accum_set(model._accum_window.empty_values())
+        model.fit(x[48:], y[48:], batch_size=B, shuffle=False, verbose=0)
+        return model
+
+    uninterrupted = compiled()
+    uninterrupted.fit(x, y, batch_size=B, shuffle=False, verbose=0)
+    stopped = compiled()
+    stopped.fit(x[:48], y[:48], batch_size=B, shuffle=False, verbose=0)  # 1 update, 2 micro-batches open
+    path = tf.train.Checkpoint(model=stopped, optimizer=stopped.optimizer).write(str(tmp_path / "mid-window"))
+    assert len(stopped.get_weights()) == len(helpers.functional_mlp().get_weights())  # no accumulator
+
+    model = resumed(path)
+    assert helpers.steps_of(model) == helpers.steps_of(uninterrupted) == 3
+    for got, want in zip(helpers.weights_of(model), helpers.weights_of(uninterrupted)):
+        np.testing.assert_array_equal(got, want)
+    emptied = resumed(path, keep_window=False)
+    assert helpers.change_error(initial, helpers.weights_of(emptied), helpers.weights_of(uninterrupted)) > 1e-3
