@@ -7,6 +7,8 @@ holds the wrapped one (`inner_optimizer`), passes `iterations` and
 `train_step` (or a model's own) accumulates through it.
 """
 
+import sys
+
 import tensorflow as tf
 
 from . import _compat, _optimizer
@@ -35,6 +37,12 @@ class AccumOptimizer(_optimizer.AccumulatingOptimizer, keras.optimizers.Optimize
         self._accum_scaled_loss = False
 
     def build(self, var_list):
+        # Keras 3 before 3.7: a LossScaleOptimizer sets nothing on the
+        # optimizer it wraps (see loss_scale_factor) and first calls it here,
+        # from its own build, before any update.
+        caller = sys._getframe(1).f_locals.get("self")
+        if isinstance(caller, keras.optimizers.LossScaleOptimizer) and caller.inner_optimizer is self:
+            self._accum_refuse_outer_loss_scaling()
         self.inner_optimizer.build(var_list)
         super(AccumOptimizer, self).build(var_list)
 

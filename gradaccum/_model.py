@@ -268,6 +268,12 @@ class WindowCallback(object):
         self.model._accum_flush()
         if logs is not None:
             logs["updates"] = self.model._accum_read(self.model.optimizer.iterations)
+            # Keras 3 before 3.7 hands over epoch logs with a key its metrics
+            # lack (`updates`) as the step's tensors, which CSVLogger cannot
+            # write; every later callback sees what this one leaves.
+            for key, value in list(logs.items()):
+                if tf.is_tensor(value) and value.shape.rank == 0:
+                    logs[key] = value.numpy().item()
 
     def on_train_end(self, logs=None):
         self.model._accum_set(self.model._accum_window.epochs_end_values())
