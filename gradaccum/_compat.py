@@ -38,6 +38,13 @@ KERAS2_EAGER = "keras2-eager"  # TF 2.x, Keras 2, eager: train_step accumulates
 GRAPH = "graph"  # TF 1.x, or TF 2.x with eager disabled: accumulation in the graph
 KERAS3 = "keras3"  # TF 2.16+, Keras 3 (TensorFlow backend): train_step accumulates
 
+# The oldest Keras 3 gradaccum trains exactly with. Measured with the test
+# suite (README, "Supported versions"): Keras 3.3-3.5 train some models wrong
+# (a wrapped subclassed model's weights stay put, a Sequential model or
+# MirroredStrategy end far from the big batch), and their TF 2.16-2.17 take
+# Keras 3.6 as well.
+MIN_KERAS3 = Version("3.6.0")
+
 Runtime = collections.namedtuple("Runtime", ["kind", "keras", "description"])
 
 
@@ -158,12 +165,26 @@ def runtime_of(model):
                 "the TensorFlow backend. Received: a model of Keras {} with the {!r} "
                 "backend (set KERAS_BACKEND=tensorflow before importing keras)".format(
                     keras_version, backend))
+        check_keras3_version(keras, "accumulate")
         kind = KERAS3
     elif IS_TF1 or not eager:
         kind = GRAPH
     else:
         kind = KERAS2_EAGER
     return Runtime(kind, keras, description)
+
+
+def check_keras3_version(keras, caller):
+    """Raises for a Keras 3 older than MIN_KERAS3: refused rather than trained wrong."""
+    installed = Version(keras.__version__)
+    if installed < MIN_KERAS3:
+        raise NotImplementedError(
+            "{}: gradaccum needs Keras >= {} when Keras 3 is used: older Keras 3 releases "
+            "train some models wrongly with accumulation. Upgrade it (pip install "
+            "'keras>={}'; TensorFlow 2.16 and later accept it), or use Keras 2 through "
+            "tf-keras (pip install tf-keras, TF_USE_LEGACY_KERAS=1). Received: Keras {} "
+            "with TensorFlow {}".format(caller, MIN_KERAS3, MIN_KERAS3, keras.__version__,
+                                         tf.__version__))
 
 
 def _short_repr(obj, limit=80):
@@ -182,6 +203,7 @@ def optimizer_kind(optimizer):
         return GRAPH
     keras3 = keras3_module()
     if keras3 is not None and isinstance(optimizer, keras3.optimizers.Optimizer):
+        check_keras3_version(keras3, "AccumOptimizer")
         return KERAS3
     keras2 = keras2_module()
     if keras2 is not None and isinstance(optimizer, keras2_optimizer_bases(keras2)):
@@ -210,6 +232,16 @@ def keras2_optimizer_bases(keras):
               for base in cls.__mro__ if "add_slot" in vars(base))
     new = [cls for cls in candidates if not hasattr(cls, "add_slot")]
     return (v2,) + tuple(new[:1])
+
+
+def not_converted(function):
+    """Marks gradaccum's code that a user's `tf.function` calls as not for AutoGraph.
+
+    It is written for graphs already (explicit `tf.cond`), so converting it
+    gains nothing, and TF 2.16's AutoGraph confused its functions with one
+    another ("tf__keras3_module() takes 0 positional arguments").
+    """
+    return tf.autograph.experimental.do_not_convert(function)
 
 
 def no_automatic_dependency_tracking(method):

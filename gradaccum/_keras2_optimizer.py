@@ -73,12 +73,14 @@ class _Keras2Accumulating(_optimizer.AccumulatingOptimizer):
 
     lr = learning_rate
 
+    @_compat.not_converted
     def apply_gradients(self, grads_and_vars, batch_size=None, **kwargs):
         _refuse_graph_mode()
         return super(_Keras2Accumulating, self).apply_gradients(grads_and_vars, batch_size, **kwargs)
 
     apply_gradients.__doc__ = _optimizer.AccumulatingOptimizer.apply_gradients.__doc__
 
+    @_compat.not_converted
     def minimize(self, loss, var_list, grad_loss=None, name=None, tape=None, batch_size=None):
         """Computes one micro-batch's gradients and adds them (see `apply_gradients`).
 
@@ -89,6 +91,7 @@ class _Keras2Accumulating(_optimizer.AccumulatingOptimizer):
         grads_and_vars = self.compute_gradients(loss, var_list, tape=tape, grad_loss=grad_loss)
         return self.apply_gradients(grads_and_vars, batch_size=batch_size)
 
+    @_compat.not_converted
     def compute_gradients(self, loss, var_list, tape=None, grad_loss=None):
         """One micro-batch's (gradient, variable) pairs; under a LossScaleOptimizer, unscaled."""
         tape = tape if tape is not None else tf.GradientTape()
@@ -109,6 +112,7 @@ class _Keras2Accumulating(_optimizer.AccumulatingOptimizer):
             grads = self.get_unscaled_gradients(grads)
         return list(zip(grads, var_list))
 
+    @_compat.not_converted
     def get_scaled_loss(self, loss):
         """A micro-batch's loss scaled for mixed precision: by the loss scale / n.
 
@@ -122,6 +126,7 @@ class _Keras2Accumulating(_optimizer.AccumulatingOptimizer):
             return lambda: self._accum_window.scale_loss(loss(), inner.get_scaled_loss)
         return self._accum_window.scale_loss(loss, inner.get_scaled_loss)
 
+    @_compat.not_converted
     def get_unscaled_gradients(self, grads):
         """Gradients of a loss scaled by `get_scaled_loss`, unscaled (times n / the loss scale)."""
         inner = self._loss_scale_optimizer("get_unscaled_gradients")

@@ -81,6 +81,7 @@ class AccumOptimizer(_optimizer.AccumulatingOptimizer, keras.optimizers.Optimize
         if hasattr(self, "_accum_window"):
             self._accum_refuse_outer_loss_scaling()
 
+    @_compat.not_converted
     def apply(self, grads, trainable_variables=None):
         """Adds one micro-batch (Keras 3's spelling of `apply_gradients`)."""
         if trainable_variables is None:
@@ -89,6 +90,7 @@ class AccumOptimizer(_optimizer.AccumulatingOptimizer, keras.optimizers.Optimize
                 "Received: trainable_variables=None")
         return self.apply_gradients(zip(grads, trainable_variables))
 
+    @_compat.not_converted
     def apply_gradients(self, grads_and_vars, batch_size=None):
         grads_and_vars = list(grads_and_vars)
         if not self.built:
@@ -98,6 +100,7 @@ class AccumOptimizer(_optimizer.AccumulatingOptimizer, keras.optimizers.Optimize
 
     apply_gradients.__doc__ = _optimizer.AccumulatingOptimizer.apply_gradients.__doc__
 
+    @_compat.not_converted
     def scale_loss(self, loss):
         """The loss to differentiate: scaled by the loss scale / n under a LossScaleOptimizer.
 

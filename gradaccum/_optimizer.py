@@ -30,6 +30,7 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
+from ._compat import not_converted
 from ._window import Window
 
 
@@ -45,6 +46,7 @@ class AccumulatingOptimizer(object):
         """Micro-batches per real update."""
         return self._accum_n
 
+    @not_converted
     def apply_gradients(self, grads_and_vars, batch_size=None, **kwargs):
         """Adds one micro-batch's gradients; the call that completes a window applies their mean.
 
@@ -74,6 +76,7 @@ class AccumulatingOptimizer(object):
             self.iterations  # the wrapped optimizer's, created outside the update branch
         return self._accum_window.accumulate(grads_and_vars, weight, self._accum_apply)
 
+    @not_converted
     def flush(self, var_list=None):
         """Applies the open window now, if it holds a micro-batch: the end of your data.
 

@@ -3,6 +3,7 @@
 These run on every runtime: the facade checks its arguments before it routes.
 """
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -73,3 +74,23 @@ def test_keras3_on_another_backend_is_refused(monkeypatch):
     monkeypatch.setattr(keras3.backend, "backend", lambda: "jax")
     with pytest.raises(NotImplementedError, match=r"needs the TensorFlow backend. Received: .*'jax' backend"):
         accumulate(model, 4)
+
+
+@pytest.mark.parametrize("old", ["3.3.3", "3.5.0"])
+def test_a_keras3_older_than_the_supported_floor_is_refused(monkeypatch, old):
+    # Keras 3.3-3.5 trained some models wrongly (a wrapped subclassed model's
+    # weights stayed put; Sequential, jit_compile and MirroredStrategy ended
+    # far from the big batch): refused, never trained wrong.
+    keras3 = pytest.importorskip("keras")
+    if not hasattr(keras3, "ops"):
+        pytest.skip("the keras package here is Keras {}, not Keras 3".format(keras3.__version__))
+    from gradaccum import AccumOptimizer
+    inputs = keras3.Input((3,))
+    model = keras3.Model(inputs, keras3.layers.Dense(1)(inputs))
+    optimizer = keras3.optimizers.SGD(0.1)
+    monkeypatch.setattr(keras3, "__version__", old)
+    message = r"needs Keras >= 3.6.0 .* Received: Keras {} with TensorFlow".format(re.escape(old))
+    with pytest.raises(NotImplementedError, match=message):
+        accumulate(model, 4)
+    with pytest.raises(NotImplementedError, match=message):
+        AccumOptimizer(optimizer, 4)
