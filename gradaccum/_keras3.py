@@ -45,6 +45,12 @@ class _Keras3Training(_model.Accumulating):
 
     _keras = keras
 
+    def _accum_progress_bar(self, callbacks, verbose):
+        # (Only when something is printed, and not over the user's own bar.)
+        if verbose != 0 and not any(isinstance(cb, keras.callbacks.ProgbarLogger) for cb in callbacks):
+            callbacks.insert(0, _ProgbarLogger())
+        return callbacks
+
     def train_step(self, data):
         if self._accum_n == 1:
             return self._with_update_count(super(_Keras3Training, self).train_step(data))
@@ -163,6 +169,21 @@ _STAND_INS = _StandIns()
 
 class _WindowCallback(_model.WindowCallback, keras.callbacks.Callback):
     pass
+
+
+class _ProgbarLogger(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar, showing `updates` as the count it is.
+
+    Keras 3 before 3.12 averages every logged value over the epoch before it
+    shows it (an average of counts: 5.64 for 8 updates); later ones show the
+    values as they are, and this changes nothing there.
+    """
+
+    def _maybe_init_progbar(self):
+        super(_ProgbarLogger, self)._maybe_init_progbar()
+        stateful = getattr(self.progbar, "stateful_metrics", None)
+        if stateful is not None:  # None: Keras >= 3.12 averages nothing
+            stateful.add("updates")
 
 
 _Keras3Training._window_callback = _WindowCallback
