@@ -156,3 +156,59 @@ def test_a_checkpoint_of_the_model_taken_mid_window_resumes_bitwise(tmp_path):
         np.testing.assert_array_equal(got, want)
     emptied = resumed(path, keep_window=False)
     assert helpers.change_error(initial, helpers.weights_of(emptied), helpers.weights_of(uninterrupted)) > 1e-3
+
+
+# --- odd data: each trains as the big batch would ---
+
+def fit_run(initial, n, batch_size, data=None, accumulate_kwargs=None, compile_kwargs=None, **fit_kwargs):
+    """(weights, steps) of momentum training from `initial`; `data(batch_size)` or the arrays."""
+    model = helpers.fresh(helpers.functional_mlp, initial)
+    if n is not None:
+        model = accumulate(model, n, **(accumulate_kwargs or {}))
+    model.compile(helpers.OPTIMIZERS["momentum"](), "mse", **(compile_kwargs or {}))
+    if data is None:
+        x, y = helpers.data(96)
+        model.fit(x, y, batch_size=batch_size, shuffle=False, verbose=0, **fit_kwargs)
+    else:
+        model.fit(data(batch_size), verbose=0, **fit_kwargs)
+    return helpers.weights_of(model), helpers.steps_of(model)
+
+
+def test_n_larger_than_the_epoch_applies_the_epoch_as_one_batch():
+    initial = helpers.weights_of(helpers.functional_mlp())
+    # 12 micro-batches per epoch, n = 16: each epoch is one short window.
+    accumulated = fit_run(initial, 16, B, epochs=2)
+    whole = fit_run(initial, None, 96, epochs=2)
+    assert accumulated[1] == whole[1] == 2
+    helpers.record("odd/n larger than the epoch", helpers.assert_same_training(initial, accumulated[0], whole[0]))
+
+
+def test_steps_per_execution_that_is_no_multiple_of_n_matches_the_big_batch():
+    initial = helpers.weights_of(helpers.functional_mlp())
+    helpers.differential("odd/steps_per_execution 3, n 4", initial, lambda n, batch_size: fit_run(
+        initial, n, batch_size, epochs=2, compile_kwargs={"steps_per_execution": 3} if n else None), N, B)
+
+
+@pytest.mark.parametrize("epoch_end", ["apply", "carry"])
+def test_steps_per_epoch_that_is_no_multiple_of_n_on_endless_data(epoch_end):
+    # 10 micro-batches per epoch from a repeated pipeline, n = 4: windows of
+    # 4, 4, 2 with "apply" (the big batch's epoch is 32, 32, 16); with
+    # "carry" the windows run on across epochs (the big batch: 5 of 32).
+    x, y = helpers.data(96)
+    initial = helpers.weights_of(helpers.functional_mlp())
+    endless = lambda size: tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(size)
+    accumulated = fit_run(initial, N, B, data=endless, accumulate_kwargs={"epoch_end": epoch_end},
+                          epochs=2, steps_per_epoch=10)
+    if epoch_end == "carry":
+        big = fit_run(initial, None, N * B, data=endless, epochs=1, steps_per_epoch=5)
+    else:
+        order = np.arange(160) % 96  # the samples the 2 epochs of 80 read, in order
+        batches = [order[start:stop] for epoch in (0, 80) for start, stop in ((0, 32), (32, 64), (64, 80))
+                   for start, stop in [(epoch + start, epoch + stop)]]
+        same_samples = lambda size: tf.data.Dataset.from_generator(
+            lambda: ((x[rows], y[rows]) for rows in batches),
+            output_signature=(tf.TensorSpec((None, 5), tf.float32), tf.TensorSpec((None, 3), tf.float32)))
+        big = fit_run(initial, None, None, data=same_samples, epochs=2, steps_per_epoch=3)
+    assert accumulated[1] == big[1] == (5 if epoch_end == "carry" else 6)
+    helpers.record("odd/steps_per_epoch 10, n 4, " + epoch_end,
+                   helpers.assert_same_training(initial, accumulated[0], big[0]))
