@@ -172,6 +172,39 @@ def fresh(model_factory, initial_weights, **kwargs):
     return model
 
 
+def assert_resumes_mid_window(initial, compiled, save, restore, empty_window, batch_size=8):
+    """A fit saved mid-window and restored into fresh objects trains on as if never stopped.
+
+    `compiled()` gives a fresh model compiled for a window of 4 micro-batches;
+    `save(model)` saves it and returns what `restore(saved)` turns back into
+    a model. The fit stops after 6 micro-batches (one update, 2 open), and the
+    restored model's fit of the rest must end bitwise equal to one fit of all.
+    Restored with its window emptied (`empty_window(model)`), it must differ,
+    so that the window is what the save kept. Returns the stopped model.
+    """
+    x, y = data(96)
+    uninterrupted = compiled()
+    uninterrupted.fit(x, y, batch_size=batch_size, shuffle=False, verbose=0)
+    stopped = compiled()
+    stopped.fit(x[:48], y[:48], batch_size=batch_size, shuffle=False, verbose=0)
+    saved = save(stopped)
+
+    def resumed(keep_window):
+        model = restore(saved)
+        if not keep_window:
+            empty_window(model)
+        model.fit(x[48:], y[48:], batch_size=batch_size, shuffle=False, verbose=0)
+        return model
+
+    model = resumed(keep_window=True)
+    assert steps_of(model) == steps_of(uninterrupted) == 3
+    for got, want in zip(weights_of(model), weights_of(uninterrupted)):
+        np.testing.assert_array_equal(got, want)
+    emptied = resumed(keep_window=False)
+    assert change_error(initial, weights_of(emptied), weights_of(uninterrupted)) > 1e-3
+    return stopped
+
+
 def mse_with_regularizers(model, x, y):
     """A custom loop's loss: the per-sample mean squared error plus the model's regularizers."""
     import tensorflow as tf

@@ -126,7 +126,6 @@ def test_a_checkpoint_of_the_model_taken_mid_window_resumes_bitwise(tmp_path):
     # epoch_end="carry": the window stays open between fits, so a fit that
     # ends mid-window leaves micro-batches that a checkpoint must hold.
     # (It once lost them: the resumed run ended 3e-2 away.)
-    x, y = helpers.data(96)
     initial = helpers.weights_of(helpers.functional_mlp())
 
     def compiled():
@@ -134,28 +133,19 @@ def test_a_checkpoint_of_the_model_taken_mid_window_resumes_bitwise(tmp_path):
         model.compile(helpers.OPTIMIZERS["momentum"](), "mse")
         return model
 
-    def resumed(path, keep_window=True):
+    def restore(path):
         model = compiled()
         tf.train.Checkpoint(model=model, optimizer=model.optimizer).restore(path)
-        if not keep_window:
-            model._accum_window.build()
-            model._accum_set(model._accum_window.empty_values())
-        model.fit(x[48:], y[48:], batch_size=B, shuffle=False, verbose=0)
         return model
 
-    uninterrupted = compiled()
-    uninterrupted.fit(x, y, batch_size=B, shuffle=False, verbose=0)
-    stopped = compiled()
-    stopped.fit(x[:48], y[:48], batch_size=B, shuffle=False, verbose=0)  # 1 update, 2 micro-batches open
-    path = tf.train.Checkpoint(model=stopped, optimizer=stopped.optimizer).write(str(tmp_path / "mid-window"))
-    assert len(stopped.get_weights()) == len(helpers.functional_mlp().get_weights())  # no accumulator
+    def empty_window(model):
+        model._accum_window.build()
+        model._accum_set(model._accum_window.empty_values())
 
-    model = resumed(path)
-    assert helpers.steps_of(model) == helpers.steps_of(uninterrupted) == 3
-    for got, want in zip(helpers.weights_of(model), helpers.weights_of(uninterrupted)):
-        np.testing.assert_array_equal(got, want)
-    emptied = resumed(path, keep_window=False)
-    assert helpers.change_error(initial, helpers.weights_of(emptied), helpers.weights_of(uninterrupted)) > 1e-3
+    stopped = helpers.assert_resumes_mid_window(
+        initial, compiled, lambda model: tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(
+            str(tmp_path / "mid-window")), restore, empty_window)
+    assert len(stopped.get_weights()) == len(helpers.functional_mlp().get_weights())  # no accumulator
 
 
 # --- odd data: each trains as the big batch would ---

@@ -245,36 +245,25 @@ _KERAS_FILES = hasattr(keras.optimizers.Adam(), "save_own_variables")  # Keras' 
 
 @pytest.mark.skipif(not _KERAS_FILES, reason="this Keras has no .keras files (saving_lib)")
 def test_a_keras_file_saved_mid_window_resumes_bitwise(tmp_path):
-    x, y = helpers.data(96)
     initial = helpers.weights_of(helpers.functional_mlp())
+    path = str(tmp_path / "mid-window.keras")
 
     def compiled():
         model = helpers.fresh(helpers.functional_mlp, initial)
         model.compile(optimizer=AccumOptimizer(OPTIMIZERS["adam-schedule"](), N), loss="mse")
         return model
 
-    def resume(path, keep_window=True):
-        model = keras.models.load_model(path)
-        if not keep_window:
-            model.optimizer._accum_window.reset()
-        model.fit(x[48:], y[48:], batch_size=B, shuffle=False, verbose=0)
+    def save(model):
+        model.save(path)
+        return path
+
+    def restore(saved):
+        model = keras.models.load_model(saved)
+        assert isinstance(model.optimizer, AccumOptimizer)
         return model
 
-    uninterrupted = compiled()
-    uninterrupted.fit(x, y, batch_size=B, shuffle=False, verbose=0)
-    stopped = compiled()
-    stopped.fit(x[:48], y[:48], batch_size=B, shuffle=False, verbose=0)  # 1 update, 2 micro-batches open
-    path = str(tmp_path / "mid-window.keras")
-    stopped.save(path)
-
-    resumed = resume(path)
-    assert type(resumed.optimizer) is type(stopped.optimizer)
-    assert helpers.steps_of(resumed) == helpers.steps_of(uninterrupted) == 3
-    for got, want in zip(helpers.weights_of(resumed), helpers.weights_of(uninterrupted)):
-        np.testing.assert_array_equal(got, want)
-    # Discrimination: resuming with an empty window (what the file gave before) differs.
-    emptied = resume(path, keep_window=False)
-    assert helpers.change_error(initial, helpers.weights_of(emptied), helpers.weights_of(uninterrupted)) > 1e-3
+    helpers.assert_resumes_mid_window(initial, compiled, save, restore,
+                                      lambda model: model.optimizer._accum_window.reset())
 
 
 def test_the_accumulators_are_not_model_weights():
