@@ -38,11 +38,11 @@ KERAS2_EAGER = "keras2-eager"  # TF 2.x, Keras 2, eager: train_step accumulates
 GRAPH = "graph"  # TF 1.x, or TF 2.x with eager disabled: accumulation in the graph
 KERAS3 = "keras3"  # TF 2.16+, Keras 3 (TensorFlow backend): train_step accumulates
 
-# The oldest Keras 3 gradaccum trains exactly with. Measured with the test
-# suite (README, "Supported versions"): Keras 3.3-3.5 train some models wrong
-# (a wrapped subclassed model's weights stay put, a Sequential model or
-# MirroredStrategy end far from the big batch), and their TF 2.16-2.17 take
-# Keras 3.6 as well.
+# The oldest Keras 3 gradaccum is tested exact with. Measured with the test
+# suite (README, "Supported versions"): on Keras 3.3 accumulate() under
+# MirroredStrategy trains wrong and AccumOptimizer cannot be made; on 3.3 and
+# 3.5 a Sequential model is refused by Keras' own `input`, and a wrapped
+# subclassed model evaluates to 0.0. TF 2.16-2.17 take Keras 3.6 as well.
 MIN_KERAS3 = Version("3.6.0")
 
 Runtime = collections.namedtuple("Runtime", ["kind", "keras", "description"])
