@@ -4,7 +4,6 @@ The reference is plain Keras at the scheduled big batches, with the same
 optimizer carried through (iterations, slots, learning-rate schedule).
 """
 
-import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -15,7 +14,11 @@ from gradaccum import AccumOptimizer, AccumulationScheduler, accumulate
 helpers.require_mode(eager=True)
 
 N, B = 4, 8
-WARM_UP = staticmethod(lambda epoch, n: 1 if epoch < 2 else N)  # b for 2 epochs, then 4b
+
+
+def warm_up(epoch, n):
+    """The schedule: micro-batches of b alone for 2 epochs (n = 1), then windows of 4b."""
+    return 1 if epoch < 2 else N
 
 
 def count_traces(model):
@@ -42,7 +45,7 @@ def test_a_warm_up_from_b_to_4b_matches_plain_training_at_those_batches():
     model.compile(make_optimizer(), "mse")
     traces = count_traces(model)
     history = model.fit(x, y, batch_size=B, epochs=4, shuffle=False, verbose=0,
-                        callbacks=[AccumulationScheduler(WARM_UP.__func__)])
+                        callbacks=[AccumulationScheduler(warm_up)])
 
     plain = helpers.fresh(helpers.functional_mlp, initial)
     plain.compile(make_optimizer(), "mse")
