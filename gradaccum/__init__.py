@@ -14,8 +14,9 @@ graph code wrap their optimizer instead:
 """
 
 from ._version import __version__
-from ._facade import AccumOptimizer, accumulate, register_serializables as _register_serializables
+from ._facade import AccumOptimizer, AccumulationScheduler, accumulate
+from ._facade import register_serializables as _register_serializables
 
-__all__ = ["accumulate", "AccumOptimizer", "__version__"]
+__all__ = ["accumulate", "AccumOptimizer", "AccumulationScheduler", "__version__"]
 
 _register_serializables()

@@ -169,6 +169,56 @@ def check_reduction(reduction, caller):
     return value
 
 
+class AccumulationScheduler(object):
+    """A batch-size schedule: sets the model's n at each epoch's start, like LearningRateScheduler.
+
+    Pass it in `callbacks` to `fit` of a model that `accumulate` returned; the
+    big batch is n * batch_size, so a schedule of n is a schedule of the
+    batch size (a warm-up, or "increase the batch size instead of decaying
+    the learning rate"). n is a variable of the training graph: a change
+    traces nothing again, and the optimizer (iterations, slots, learning-rate
+    schedule) carries on.
+
+        >>> model = accumulate(model, 8)  # the largest n the schedule uses
+        >>> warm_up = AccumulationScheduler(lambda epoch, n: min(8, 2 ** epoch))
+        >>> model.fit(x, y, batch_size=16, epochs=6, callbacks=[warm_up])
+
+    Args:
+        schedule: `schedule(epoch, n)` (epoch from 0, n the current one)
+            returns the epoch's n, an integer >= 1.
+        verbose: 1 prints each epoch's n.
+    """
+
+    def __init__(self, schedule, verbose=0):
+        if not callable(schedule):
+            raise TypeError(
+                "AccumulationScheduler: schedule must be a function schedule(epoch, n) -> n. "
+                "Received: schedule={!r}".format(schedule))
+        if verbose not in (0, 1):
+            raise ValueError("AccumulationScheduler: verbose must be 0 or 1. Received: verbose={!r}"
+                             .format(verbose))
+        self.schedule = schedule
+        self.verbose = verbose
+
+    def n_for(self, epoch, n):
+        """The schedule's n for `epoch` (from 0), checked."""
+        value = self.schedule(epoch, n)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(
+                "AccumulationScheduler: schedule(epoch={}, n={}) must return an integer >= 1. "
+                "Received: {!r}".format(epoch, n, value))
+        return int(value)
+
+    def set_model(self, model):
+        # Keras calls this first when the scheduler is given to a model that
+        # does not accumulate (an accumulating model's fit replaces it with a
+        # callback of its own Keras).
+        raise TypeError(
+            "AccumulationScheduler: pass it to fit of a model that gradaccum.accumulate "
+            "returned; it sets that model's n. Received: a model of type {}".format(
+                type(model).__name__))
+
+
 def register_serializables():
     """Imports the routes whose model classes saved files may name.
 

@@ -73,6 +73,14 @@ class AccumOptimizer(_V1Optimizer):
         """Micro-batches per real update."""
         return self._n
 
+    @n.setter
+    def n(self, value):
+        raise NotImplementedError(
+            "AccumOptimizer.n: around a tf.compat.v1.train optimizer, n is built into the "
+            "training op; make a new AccumOptimizer, or set n on accumulate(model, n)'s model "
+            "or on an AccumOptimizer around a Keras optimizer (TF 2, eager). Received: n={!r}"
+            .format(value))
+
     @property
     def optimizer(self):
         """The wrapped optimizer."""

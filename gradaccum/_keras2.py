@@ -41,7 +41,7 @@ class _Keras2Training(_model.Accumulating):
         # loop, which never builds the training op from get_updates: the
         # model would train plain, one update per micro-batch.
         strategy = _compat.keras2_compiled_strategy(self)
-        if (self._accum_n > 1 and not _compat.executing_eagerly()
+        if (not self._accum_keras_step and not _compat.executing_eagerly()
                 and (strategy is not None or tf.distribute.has_strategy())):
             raise NotImplementedError(
                 "accumulate: tf.distribute strategies are supported in eager mode (TF 2), not "
@@ -50,7 +50,7 @@ class _Keras2Training(_model.Accumulating):
                 "{}".format(type(strategy or tf.distribute.get_strategy()).__name__))
 
     def train_step(self, data):
-        if self._accum_n == 1:
+        if self._accum_keras_step:
             return self._with_update_count(super(_Keras2Training, self).train_step(data))
         optimizer = self.optimizer
         _model.refuse_accumulating_optimizer(optimizer, self._accum_n)
@@ -77,7 +77,7 @@ class _Keras2Training(_model.Accumulating):
         # Graph mode only (TF 1.x, or eager disabled): Keras builds the
         # training op once, from optimizer.get_updates(loss, params). For that
         # one call, the graph route builds the accumulating op instead.
-        if self._accum_n == 1:
+        if self._accum_keras_step:
             return super(_Keras2Training, self)._make_train_function()
         _model.refuse_loss_scaling(self.optimizer, keras)
         optimizer = self.optimizer
@@ -142,7 +142,12 @@ class _WindowCallback(_model.WindowCallback, keras.callbacks.Callback):
     pass
 
 
+class _SchedulerCallback(_model.SchedulerCallback, keras.callbacks.Callback):
+    pass
+
+
 _Keras2Training._window_callback = _WindowCallback
+_Keras2Training._scheduler_callback = _SchedulerCallback
 
 
 @_register

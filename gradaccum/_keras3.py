@@ -52,7 +52,7 @@ class _Keras3Training(_model.Accumulating):
         return callbacks
 
     def train_step(self, data):
-        if self._accum_n == 1:
+        if self._accum_keras_step:
             return self._with_update_count(super(_Keras3Training, self).train_step(data))
         optimizer = self.optimizer
         _optimizer.refuse_own_accumulation(
@@ -171,6 +171,10 @@ class _WindowCallback(_model.WindowCallback, keras.callbacks.Callback):
     pass
 
 
+class _SchedulerCallback(_model.SchedulerCallback, keras.callbacks.Callback):
+    pass
+
+
 class _ProgbarLogger(keras.callbacks.ProgbarLogger):
     """Keras' progress bar, showing `updates` as the count it is.
 
@@ -187,6 +191,7 @@ class _ProgbarLogger(keras.callbacks.ProgbarLogger):
 
 
 _Keras3Training._window_callback = _WindowCallback
+_Keras3Training._scheduler_callback = _SchedulerCallback
 
 
 @keras.saving.register_keras_serializable(package="gradaccum")

@@ -149,17 +149,22 @@ def register_bare_names(keras, classes):
 class Accumulating(object):
     """What every accumulating model does besides its training step.
 
-    A route's training mixin sets `_keras` (its Keras module) and
-    `_window_callback` (its `WindowCallback` class), and may replace
+    A route's training mixin sets `_keras` (its Keras module),
+    `_window_callback` (its `WindowCallback` class) and `_scheduler_callback`
+    (its `SchedulerCallback` class), and may replace
     `_accum_set`, `_accum_read` and `_accum_flush_now` where its Keras trains
     in a graph.
     """
 
     _keras = None
     _window_callback = None
+    _scheduler_callback = None
 
     def _init_accumulation(self, n, epoch_end):
         self._accum_n = n
+        # Made with n = 1, the model trains with Keras' own step, which has no
+        # window to make n larger later (see the n setter).
+        self._accum_keras_step = n == 1
         self._accum_epoch_end = epoch_end
         # A plain attribute, so that Keras does not take its variables for
         # weights: they must not appear in get_weights() or weight files. Its
@@ -170,8 +175,30 @@ class Accumulating(object):
 
     @property
     def n(self):
-        """Micro-batches per real optimizer update."""
+        """Micro-batches per real optimizer update; settable between steps (a batch-size schedule).
+
+        n is a variable of the training graph: setting it traces nothing
+        again. The open window is due once it holds the new n micro-batches
+        (at once if it holds as many already); under epoch_end="apply" an
+        epoch's start is a window boundary.
+        """
         return self._accum_n
+
+    @n.setter
+    def n(self, value):
+        from ._facade import check_n  # (the facade imports this module's routes)
+        value = check_n(value, "{}.n".format(type(self).__name__))
+        if value == self._accum_n:
+            return
+        if self._accum_keras_step:
+            raise ValueError(
+                "{}.n: this model was made with n=1, so it trains with Keras' own step, "
+                "which has no window to grow. Make it with the largest n you will use, "
+                "e.g. accumulate(model, {}), and set n=1 from there. Received: n={}".format(
+                    type(self).__name__, value, value))
+        self._accum_n = value
+        with strategy_of(self).scope():
+            self._accum_set(self._accum_window.n_values(value))
 
     @property
     def epoch_end(self):
@@ -212,8 +239,11 @@ class Accumulating(object):
             raise TypeError(
                 "accumulate: fit(callbacks=...) must be a list of callbacks for an "
                 "accumulating model. Received: a CallbackList")
-        callbacks = self._accum_progress_bar(list(callbacks or []), verbose)
-        if self._accum_n > 1:
+        from ._facade import AccumulationScheduler  # (the facade imports this module's routes)
+        callbacks = [self._scheduler_callback(cb) if isinstance(cb, AccumulationScheduler) else cb
+                     for cb in callbacks or []]
+        callbacks = self._accum_progress_bar(callbacks, verbose)
+        if not self._accum_keras_step:
             # First: at an epoch's end it applies a partial window and sets
             # `updates`, and every other callback (a checkpoint, a logger, a
             # progress bar, early stopping) must see the epoch's final weights.
@@ -268,6 +298,7 @@ class WindowCallback(object):
         self.model._accum_flush()
         if logs is not None:
             logs["updates"] = self.model._accum_read(self.model.optimizer.iterations)
+            logs["n"] = self.model.n
             # Keras 3 before 3.7 hands over epoch logs with a key its metrics
             # lack (`updates`) as the step's tensors, which CSVLogger cannot
             # write; every later callback sees what this one leaves.
@@ -277,6 +308,23 @@ class WindowCallback(object):
 
     def on_train_end(self, logs=None):
         self.model._accum_set(self.model._accum_window.epochs_end_values())
+
+
+class SchedulerCallback(object):
+    """A gradaccum.AccumulationScheduler, as a callback of the model's Keras.
+
+    A route declares `class _SchedulerCallback(SchedulerCallback, keras.callbacks.Callback)`.
+    """
+
+    def __init__(self, scheduler):
+        super(SchedulerCallback, self).__init__()
+        self.scheduler = scheduler
+
+    def on_epoch_begin(self, epoch, logs=None):
+        n = self.scheduler.n_for(epoch, self.model.n)
+        self.model.n = n
+        if self.scheduler.verbose:
+            print("\nEpoch {}: AccumulationScheduler setting n to {}.".format(epoch + 1, n))
 
 
 def epoch_steps(params):

@@ -43,8 +43,16 @@ class AccumulatingOptimizer(object):
 
     @property
     def n(self):
-        """Micro-batches per real update."""
+        """Micro-batches per real update; settable between steps (see `accumulate`'s n)."""
         return self._accum_n
+
+    @n.setter
+    def n(self, value):
+        from ._facade import check_n  # (the facade imports this module's routes)
+        value = check_n(value, "AccumOptimizer.n")
+        self._accum_n = value
+        for variable, new in self._accum_window.n_values(value):
+            variable.assign(new)
 
     @not_converted
     def apply_gradients(self, grads_and_vars, batch_size=None, **kwargs):

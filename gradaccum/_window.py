@@ -64,11 +64,12 @@ class Window(object):
     """
 
     def __init__(self, n, reduction=MEAN):
-        self.n = n
+        self.n = n  # (the variable `n_variable` is what the training graph reads)
         self.reduction = reduction
         self.state = _State()
         self._sums = {}  # variable_key(var) -> accumulator variable
         self._rows = {}  # variable_key(var) -> rows touched by sparse gradients
+        self.n_variable = None  # micro-batches per update, settable between steps
         self.count = None  # micro-batches in the open window
         self.weight = None  # samples in the open window
         self.epoch_step = None  # micro-batches seen in this epoch
@@ -98,6 +99,7 @@ class Window(object):
             if self.count is None:
                 # (create() runs under the strategy's scope, if there is one.)
                 self._strategy = tf.distribute.get_strategy() if tf.distribute.has_strategy() else None
+                self.n_variable = self._track("n", _counter("gradaccum/n", tf.int64, self.n))
                 self.count = self._track("count", _counter("gradaccum/count", tf.int64, 0))
                 self.weight = self._track("weight", _variable(0.0, "gradaccum/weight", tf.float32))
                 self.epoch_step = self._track("epoch_step", _counter("gradaccum/epoch_step", tf.int64, 0))
@@ -140,7 +142,7 @@ class Window(object):
         That is when it holds n micro-batches, or when it holds the last
         micro-batch of an epoch whose length the route announced.
         """
-        full = self.count >= self.n
+        full = self.count >= self.n_variable
         epoch_over = tf.logical_and(
             self.epoch_steps > 0, self.epoch_step >= self.epoch_steps)
         return tf.logical_and(self.count > 0, tf.logical_or(full, epoch_over))
@@ -282,7 +284,7 @@ class Window(object):
 
     def scale_loss(self, loss, scale_loss_fn):
         """The micro-batch's loss, scaled by `scale_loss_fn` (the loss scale) divided by n."""
-        return scale_loss_fn(loss / tf.cast(self.n, loss.dtype))
+        return scale_loss_fn(loss / tf.cast(self.n_tensor(), loss.dtype))
 
     def unscale(self, grads_and_vars, scale=None, unscale_fn=None):
         """Gradients of a loss scaled by `scale_loss`, unscaled: times n / scale.
@@ -291,10 +293,10 @@ class Window(object):
         `get_unscaled_gradients`, which records that it was called).
         """
         if unscale_fn is None:
-            return multiplied(grads_and_vars, tf.cast(self.n, tf.float32) / tf.cast(scale, tf.float32))
+            return multiplied(grads_and_vars, tf.cast(self.n_tensor(), tf.float32) / tf.cast(scale, tf.float32))
         grads_and_vars = list(grads_and_vars)
         grads = unscale_fn([grad for grad, _ in grads_and_vars])
-        return multiplied(zip(grads, [var for _, var in grads_and_vars]), self.n)
+        return multiplied(zip(grads, [var for _, var in grads_and_vars]), self.n_tensor())
 
     def empty_values(self):
         """(variable, value) pairs that empty the window, for a caller outside the training function."""
@@ -308,7 +310,7 @@ class Window(object):
         """Every variable the window created (counters, sums, row markers)."""
         if not self.built:
             return []
-        return ([self.count, self.weight, self.epoch_step, self.epoch_steps]
+        return ([self.n_variable, self.count, self.weight, self.epoch_step, self.epoch_steps]
                 + list(self._sums.values()) + list(self._rows.values()))
 
     def values(self):
@@ -333,6 +335,21 @@ class Window(object):
                 self._pending[name] = value
             else:
                 variable.assign(value)
+
+    def n_values(self, n):
+        """(variable, value) pairs that set n, for a caller outside the training function.
+
+        n is a variable of the training graph, so a new n needs no new trace.
+        It takes effect for the open window: that window is due once it holds
+        n micro-batches (at once, on its next one, if it holds as many already).
+        """
+        self.n = n
+        return [(self.n_variable, n)] if self.built else []
+
+    def n_tensor(self):
+        """n as the training graph reads it."""
+        self.build()
+        return self.n_variable
 
     def epoch_start_values(self, steps):
         """(variable, value) pairs that announce an epoch of `steps` micro-batches.

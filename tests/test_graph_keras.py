@@ -175,6 +175,25 @@ def test_a_subclassed_model_built_before_wrapping_loads_weights_before_training(
         np.testing.assert_array_equal(got, want)
 
 
+def test_a_batch_size_schedule_matches_plain_training_at_the_scheduled_batches():
+    # n is a graph variable here too, assigned in Keras' session between steps.
+    from gradaccum import AccumulationScheduler
+    x, y = helpers.data(88)
+    initial = helpers.weights_of(helpers.functional_mlp())
+    model = accumulate(helpers.fresh(helpers.functional_mlp, initial), 4)
+    model.compile(optimizer=OPTIMIZERS["nesterov"](), loss="mse")
+    history = model.fit(x, y, batch_size=8, epochs=4, shuffle=False, verbose=0,
+                        callbacks=[AccumulationScheduler(lambda epoch, n: 1 if epoch < 2 else 4)])
+    plain = helpers.fresh(helpers.functional_mlp, initial)
+    plain.compile(optimizer=OPTIMIZERS["nesterov"](), loss="mse")
+    plain.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    plain.fit(x, y, batch_size=32, epochs=4, initial_epoch=2, shuffle=False, verbose=0)
+    assert history.history["n"] == [1, 1, 4, 4]
+    assert iterations(model) == iterations(plain) == 28
+    helpers.record("graph-keras/schedule", helpers.assert_same_training(
+        initial, helpers.weights_of(model), helpers.weights_of(plain)))
+
+
 def test_n_equal_one_is_plain_training():
     x, y = helpers.data(SAMPLES)
     initial = helpers.weights_of(helpers.functional_mlp())

@@ -41,3 +41,9 @@ def test_the_distributed_training_example_runs_and_updates_once_per_window(tmp_p
 def test_the_custom_loop_example_runs_and_updates_once_per_window(tmp_path):
     output = run_example(tmp_path, "Custom training loops")
     assert "updates: 8" in output, output[-3000:]
+
+
+def test_the_batch_size_schedule_example_runs_and_prints_its_schedule(tmp_path):
+    output = run_example(tmp_path, "Batch-size schedules")
+    assert "n per epoch: [1, 2, 4, 8, 8]" in output, output[-3000:]
+    assert "updates after each epoch: [32, 48, 56, 60, 64]" in output, output[-3000:]

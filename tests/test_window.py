@@ -196,11 +196,11 @@ def test_the_state_checkpoints_by_stable_names_and_a_restored_window_continues_b
     assert isinstance(original.state, tf.Module)
     assert {id(var) for var in original.state.variables} == {id(var) for var in original.all_variables()}
     assert sorted(original.state.by_name) == sorted([
-        "count", "weight", "epoch_step", "epoch_steps",
+        "n", "count", "weight", "epoch_step", "epoch_steps",
         "gradaccum/dense/sum", "gradaccum/embedding/sum", "gradaccum/embedding/rows"])
     path = tf.train.Checkpoint(w=original.state).save(str(tmp_path / "window"))
     saved = [name for name, _ in tf.train.list_variables(path)]
-    for name in ("count", "weight", "epoch_step", "epoch_steps", "gradaccum.Sdense.Ssum",
+    for name in ("n", "count", "weight", "epoch_step", "epoch_steps", "gradaccum.Sdense.Ssum",
                  "gradaccum.Sembedding.Ssum", "gradaccum.Sembedding.Srows"):
         assert "w/by_name/{}/.ATTRIBUTES/VARIABLE_VALUE".format(name) in saved, saved
 
