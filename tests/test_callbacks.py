@@ -7,7 +7,6 @@ callback runs first). Batch-level ones count micro-batches, as README says.
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import helpers
 from helpers import keras
