@@ -209,14 +209,24 @@ class AccumulationScheduler(object):
                 "Received: {!r}".format(epoch, n, value))
         return int(value)
 
+    # An accumulating model's fit replaces the scheduler with a callback of
+    # its own Keras. Any other model's fit treats it as a callback: it sets
+    # its model or looks up its hooks (Keras 3.6 does that first), and gets
+    # told why not.
+
     def set_model(self, model):
-        # Keras calls this first when the scheduler is given to a model that
-        # does not accumulate (an accumulating model's fit replaces it with a
-        # callback of its own Keras).
         raise TypeError(
             "AccumulationScheduler: pass it to fit of a model that gradaccum.accumulate "
             "returned; it sets that model's n. Received: a model of type {}".format(
                 type(model).__name__))
+
+    def __getattr__(self, name):
+        if name.startswith(("on_", "set_", "_implements_")):
+            raise TypeError(
+                "AccumulationScheduler: pass it to fit of a model that gradaccum.accumulate "
+                "returned; it sets that model's n. Received: a fit that asked it for {!r}, as "
+                "of a Keras callback".format(name))
+        raise AttributeError(name)
 
 
 def register_serializables():
