@@ -78,9 +78,9 @@ def test_keras3_on_another_backend_is_refused(monkeypatch):
 
 @pytest.mark.parametrize("old", ["3.3.3", "3.5.0"])
 def test_a_keras3_older_than_the_supported_floor_is_refused(monkeypatch, old):
-    # Keras 3.3-3.5 trained some models wrongly (a wrapped subclassed model's
-    # weights stayed put; Sequential, jit_compile and MirroredStrategy ended
-    # far from the big batch): refused, never trained wrong.
+    # Keras 3.3 trained wrong under MirroredStrategy, and 3.3-3.5 failed a
+    # Sequential model and evaluated a wrapped subclassed one to 0.0 (README,
+    # "Supported versions"): refused, never trained wrong.
     keras3 = pytest.importorskip("keras")
     if not hasattr(keras3, "ops"):
         pytest.skip("the keras package here is Keras {}, not Keras 3".format(keras3.__version__))
