@@ -172,6 +172,17 @@ def fresh(model_factory, initial_weights, **kwargs):
     return model
 
 
+class EpochEnds(keras.callbacks.Callback):
+    """Records the weights and logs that callbacks see at each epoch's end, in `seen`."""
+
+    def __init__(self):
+        super(EpochEnds, self).__init__()
+        self.seen = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seen.append((weights_of(self.model), dict(logs or {})))
+
+
 def assert_resumes_mid_window(initial, compiled, save, restore, empty_window, batch_size=8):
     """A fit saved mid-window and restored into fresh objects trains on as if never stopped.
 

@@ -17,17 +17,6 @@ helpers.require_mode(eager=True)
 N, B = 4, 8
 
 
-class EpochEnds(keras.callbacks.Callback):
-    """The weights each epoch ends with, as callbacks see them."""
-
-    def __init__(self):
-        super(EpochEnds, self).__init__()
-        self.weights = []
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.weights.append(helpers.weights_of(self.model))
-
-
 def fit_run(initial, n, batch_size, callbacks=(), epochs=3, x=None, y=None, optimizer="momentum"):
     model = helpers.fresh(helpers.functional_mlp, initial)
     if n is not None:
@@ -52,23 +41,23 @@ def test_early_stopping_restores_the_best_epochs_final_weights():
     # stops after the second and restores the first epoch's final weights
     # (its partial window applied).
     initial = helpers.weights_of(helpers.functional_mlp())
-    ends = EpochEnds()
+    ends = helpers.EpochEnds()
     stop = keras.callbacks.EarlyStopping(monitor="loss", patience=1, min_delta=10.0, restore_best_weights=True)
     weights, _, _, history = fit_run(initial, N, B, [ends, stop], epochs=6)
     assert len(history.history["loss"]) == 2, history.history["loss"]
-    for got, want in zip(weights, ends.weights[0]):
+    for got, want in zip(weights, ends.seen[0][0]):
         np.testing.assert_array_equal(got, want)
 
 
 def test_model_checkpoint_save_best_only_saves_the_best_epochs_final_weights(tmp_path):
     initial = helpers.weights_of(helpers.functional_mlp())
-    ends = EpochEnds()
+    ends = helpers.EpochEnds()
     path = str(tmp_path / "best.weights.h5")
     save = keras.callbacks.ModelCheckpoint(path, monitor="loss", save_best_only=True, save_weights_only=True)
     _, _, model, history = fit_run(initial, N, B, [ends, save], epochs=3)
     best = int(np.argmin(history.history["loss"]))
     model.load_weights(path)
-    for got, want in zip(helpers.weights_of(model), ends.weights[best]):
+    for got, want in zip(helpers.weights_of(model), ends.seen[best][0]):
         np.testing.assert_array_equal(got, want)
 
 

@@ -19,17 +19,6 @@ helpers.require_mode(eager=True)
 N, B = 4, 8
 
 
-class EpochEnds(keras.callbacks.Callback):
-    """Records the weights and logs each callback sees at each epoch's end."""
-
-    def __init__(self):
-        super(EpochEnds, self).__init__()
-        self.seen = []
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seen.append((helpers.weights_of(self.model), dict(logs or {})))
-
-
 def test_epoch_end_callbacks_see_the_epochs_final_weights_and_update_count(tmp_path):
     # Unknown epoch length (filter) and no validation: the partial window is
     # applied at the epoch's end, and must be before any user callback runs
@@ -38,7 +27,7 @@ def test_epoch_end_callbacks_see_the_epochs_final_weights_and_update_count(tmp_p
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(B).filter(lambda *_: True)
     model = accumulate(helpers.functional_mlp(), N)
     model.compile(helpers.OPTIMIZERS["momentum"](), "mse")
-    ends, log = EpochEnds(), str(tmp_path / "log.csv")
+    ends, log = helpers.EpochEnds(), str(tmp_path / "log.csv")
     checkpoint = str(tmp_path / "epoch{epoch}.weights.h5")
     history = model.fit(data, epochs=2, verbose=0, callbacks=[
         ends, keras.callbacks.CSVLogger(log), keras.callbacks.ModelCheckpoint(checkpoint, save_weights_only=True)])
