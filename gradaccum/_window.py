@@ -99,7 +99,10 @@ class Window(object):
             if self.count is None:
                 # (create() runs under the strategy's scope, if there is one.)
                 self._strategy = tf.distribute.get_strategy() if tf.distribute.has_strategy() else None
-                self.n_variable = self._track("n", _counter("gradaccum/n", tf.int64, self.n))
+                # Not in `state`: n is a setting, whose one source is the
+                # owner's n (its config; a schedule sets it each epoch). A
+                # checkpoint restoring it would leave that n stale.
+                self.n_variable = _counter("gradaccum/n", tf.int64, self.n)
                 self.count = self._track("count", _counter("gradaccum/count", tf.int64, 0))
                 self.weight = self._track("weight", _variable(0.0, "gradaccum/weight", tf.float32))
                 self.epoch_step = self._track("epoch_step", _counter("gradaccum/epoch_step", tf.int64, 0))
@@ -262,11 +265,7 @@ class Window(object):
 
     def reset(self):
         """Empties the window (the epoch position is kept)."""
-        updates = [total.assign(tf.zeros_like(total)) for total in self._sums.values()]
-        updates += [rows.assign(tf.zeros_like(rows)) for rows in self._rows.values()]
-        updates.append(self.weight.assign(0.0))
-        updates.append(self.count.assign(0))
-        return tf.group(*updates)
+        return tf.group(*[variable.assign(tf.zeros_like(variable)) for variable in self._open_variables()])
 
     # Mixed precision: how a route trains with a loss scale (Keras'
     # LossScaleOptimizer). Each micro-batch's loss is scaled by scale / n
@@ -302,9 +301,12 @@ class Window(object):
         """(variable, value) pairs that empty the window, for a caller outside the training function."""
         if not self.built:
             return []
-        pairs = [(total, np.zeros(total.shape, total.dtype.as_numpy_dtype)) for total in self._sums.values()]
-        pairs += [(rows, np.zeros(rows.shape, np.int32)) for rows in self._rows.values()]
-        return pairs + [(self.weight, 0.0), (self.count, 0)]
+        return [(variable, np.zeros(variable.shape, variable.dtype.as_numpy_dtype))
+                for variable in self._open_variables()]
+
+    def _open_variables(self):
+        """What holds the open window: sums, sparse-row markers, weight and count."""
+        return list(self._sums.values()) + list(self._rows.values()) + [self.weight, self.count]
 
     def all_variables(self):
         """Every variable the window created (counters, sums, row markers)."""

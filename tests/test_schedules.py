@@ -131,3 +131,19 @@ def test_bad_settings_of_n_are_refused_with_what_was_received():
     plain.compile("sgd", "mse")
     with pytest.raises(TypeError, match=r"pass it to fit of a model that gradaccum.accumulate returned"):
         plain.fit(*helpers.data(16), verbose=0, callbacks=[AccumulationScheduler(lambda epoch, n: 2)])
+
+
+def test_a_checkpoint_leaves_n_to_the_model_that_restores_it(tmp_path):
+    # n is not in checkpoints: a restored n would leave model.n (and its
+    # logs and config) saying one thing while the window used another.
+    x, y = helpers.data(32)
+    model = accumulate(helpers.functional_mlp(), N)
+    model.compile("sgd", "mse")
+    model.n = 1
+    model.fit(x, y, batch_size=B, verbose=0)
+    path = tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
+    restored = accumulate(helpers.functional_mlp(), N)
+    restored.compile("sgd", "mse")
+    tf.train.Checkpoint(model=restored).restore(path)
+    restored.fit(x, y, batch_size=B, verbose=0)
+    assert restored.n == int(restored._accum_window.n_variable.numpy()) == N
