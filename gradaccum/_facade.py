@@ -23,7 +23,7 @@ _ROUTES = {
 }
 
 
-def accumulate(model, n, epoch_end=APPLY):
+def accumulate(model, n, epoch_end=APPLY, skip_nonfinite=False):
     """Makes `model` train with gradient accumulation over `n` micro-batches.
 
     Training the returned model with batches of size `b` applies the optimizer
@@ -42,12 +42,19 @@ def accumulate(model, n, epoch_end=APPLY):
             count, exactly like big-batch training's short last batch.
             "carry" keeps it open into the next epoch, for data streamed with
             `steps_per_epoch`.
+        skip_nonfinite: False (default): a window whose gradients hold an inf
+            or a nan is applied as it is, as the big batch's would be. True:
+            such a window is skipped whole (no update; the optimizer's state
+            does not move) and counted in the logs as `skipped`. For float32
+            training: under mixed precision the LossScaleOptimizer skips
+            overflowing windows itself.
 
     Returns:
         A Keras model to compile (if `model` was not) and fit.
 
     Raises:
-        TypeError: `model` is no Keras model, or `n` is no integer.
+        TypeError: `model` is no Keras model, `n` is no integer, or
+            `skip_nonfinite` no bool.
         ValueError: `n < 1`, or an unknown `epoch_end`.
         NotImplementedError: a Keras 3 model on a backend other than TensorFlow.
 
@@ -58,8 +65,10 @@ def accumulate(model, n, epoch_end=APPLY):
     """
     n = check_n(n, "accumulate")
     check_epoch_end(epoch_end, "accumulate")
+    check_flag(skip_nonfinite, "skip_nonfinite", "accumulate")
     runtime = _compat.runtime_of(model)
-    return importlib.import_module(_ROUTES[runtime.kind]).wrap(model, n, epoch_end)
+    return importlib.import_module(_ROUTES[runtime.kind]).wrap(
+        model, n, epoch_end=epoch_end, skip_nonfinite=skip_nonfinite)
 
 
 # Optimizer kind -> the module whose `wrap` makes its AccumOptimizer.
@@ -92,6 +101,8 @@ class AccumOptimizer(metaclass=abc.ABCMeta):
         n: Micro-batches per update, an integer >= 1.
         reduction: Keras optimizers only. "mean" (default): the size-weighted
             mean, the big batch's gradient. "sum": the weighted sum.
+        skip_nonfinite: True skips a window whose gradients hold an inf or a
+            nan, whole, and counts it in `opt.skipped` (see `accumulate`).
         **kwargs: `name`; for `tf.compat.v1.train` optimizers also
             `micro_batch_size`.
 
@@ -126,6 +137,7 @@ class AccumOptimizer(metaclass=abc.ABCMeta):
                 "mode. Received: optimizer={} of type {}".format(
                     type(optimizer).__name__, type(optimizer).__module__))
         reduction = check_reduction(kwargs.pop("reduction", MEAN), "AccumOptimizer")
+        check_flag(kwargs.get("skip_nonfinite", False), "skip_nonfinite", "AccumOptimizer")
         if kind != _compat.GRAPH:
             kwargs["reduction"] = reduction
         elif reduction != MEAN:
@@ -151,6 +163,14 @@ def check_n(n, caller):
             "{}: n must be an integer >= 1 (micro-batches per update). "
             "Received: n={!r}".format(caller, n))
     return int(n)
+
+
+def check_flag(value, name, caller):
+    """`value` if it is a bool, or a clear error naming the argument."""
+    if not isinstance(value, bool):
+        raise TypeError("{}: {} must be True or False. Received: {}={!r} of type {}".format(
+            caller, name, name, value, type(value).__name__))
+    return value
 
 
 def check_epoch_end(epoch_end, caller):

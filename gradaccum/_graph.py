@@ -25,9 +25,10 @@ from ._window import Window
 _V1Optimizer = tf.compat.v1.train.Optimizer
 
 
-def wrap(optimizer, n, micro_batch_size=None, name="AccumOptimizer"):
+def wrap(optimizer, n, micro_batch_size=None, name="AccumOptimizer", skip_nonfinite=False):
     """The AccumOptimizer of a `tf.compat.v1.train` optimizer (see `gradaccum.AccumOptimizer`)."""
-    return AccumOptimizer(optimizer, n, micro_batch_size=micro_batch_size, name=name)
+    return AccumOptimizer(optimizer, n, micro_batch_size=micro_batch_size, name=name,
+                          skip_nonfinite=skip_nonfinite)
 
 
 class AccumOptimizer(_V1Optimizer):
@@ -52,6 +53,8 @@ class AccumOptimizer(_V1Optimizer):
             would be inside the big batch. Omitted, all micro-batches count
             equally, which is exact when they are all the same size.
         name: Name prefix of the ops this optimizer creates.
+        skip_nonfinite: True skips a window whose gradients hold an inf or a
+            nan, whole, and counts it in `skipped`.
 
     Example:
         >>> opt = gradaccum.AccumOptimizer(tf.compat.v1.train.AdamOptimizer(1e-3), 4)
@@ -60,11 +63,12 @@ class AccumOptimizer(_V1Optimizer):
         ...     sess.run(train_op, {x: x_batch, y: y_batch})
     """
 
-    def __init__(self, optimizer, n, micro_batch_size=None, name="AccumOptimizer"):
+    def __init__(self, optimizer, n, micro_batch_size=None, name="AccumOptimizer", skip_nonfinite=False):
         # gradaccum.AccumOptimizer checked the arguments.
         super(AccumOptimizer, self).__init__(use_locking=False, name=name)
         self._optimizer = optimizer
         self._n = n
+        self._skip_nonfinite = skip_nonfinite
         self._micro_batch_size = micro_batch_size
         self._windows = []
 
@@ -80,6 +84,21 @@ class AccumOptimizer(_V1Optimizer):
             "training op; make a new AccumOptimizer, or set n on accumulate(model, n)'s model "
             "or on an AccumOptimizer around a Keras optimizer (TF 2, eager). Received: n={!r}"
             .format(value))
+
+    @property
+    def skip_nonfinite(self):
+        """Whether a window with a non-finite gradient is skipped (see `skipped`)."""
+        return self._skip_nonfinite
+
+    @property
+    def skipped(self):
+        """Windows skipped for a non-finite gradient: a tensor of the current graph (0 before any)."""
+        counters = [tf.identity(window.skipped) for window in self._current_windows()]
+        return tf.add_n(counters) if counters else tf.constant(0, tf.int64)
+
+    def _current_windows(self):
+        graph = tf.compat.v1.get_default_graph()
+        return [window for window in self._windows if window.built and window.skipped.graph is graph]
 
     @property
     def optimizer(self):
@@ -116,7 +135,7 @@ class AccumOptimizer(_V1Optimizer):
             raise ValueError(
                 "AccumOptimizer: no gradients provided for any variable. Received: {}".format(
                     [var.name for _, var in grads_and_vars]))
-        window = Window(self._n)
+        window = Window(self._n, skip_nonfinite=self._skip_nonfinite)
         self._windows.append(window)
         if self._micro_batch_size is None:
             batch_size = tf.constant(1.0)
@@ -139,11 +158,8 @@ class AccumOptimizer(_V1Optimizer):
     def variables(self):
         """The wrapped optimizer's variables, then the accumulators, of the current graph."""
         own = []
-        for window in self._windows:
+        for window in self._current_windows():
             own += window.all_variables()
-        if not tf.executing_eagerly():
-            graph = tf.compat.v1.get_default_graph()
-            own = [var for var in own if var.graph is graph]
         return self._optimizer.variables() + own
 
     # Called by the base class's minimize() only through apply_gradients,

@@ -22,9 +22,9 @@ from . import _compat, _graph, _model
 keras = _compat.keras2_module()
 
 
-def wrap(model, n, epoch_end):
+def wrap(model, n, **options):
     """The accumulating model for `model` (see `gradaccum.accumulate`)."""
-    return _model.wrap(model, n, epoch_end, AccumModel, AccumWrapper, _compile_args)
+    return _model.wrap(model, n, options, AccumModel, AccumWrapper, _compile_args)
 
 
 class _Keras2Training(_model.Accumulating):
@@ -32,8 +32,8 @@ class _Keras2Training(_model.Accumulating):
 
     _keras = keras
 
-    def _init_accumulation(self, n, epoch_end):
-        super(_Keras2Training, self)._init_accumulation(n, epoch_end)
+    def _init_accumulation(self, n, epoch_end, skip_nonfinite):
+        super(_Keras2Training, self)._init_accumulation(n, epoch_end, skip_nonfinite)
         self._accum_flush_op = None  # graph mode: applies a partial window
 
     def _accum_check_fit(self):
@@ -58,6 +58,8 @@ class _Keras2Training(_model.Accumulating):
         # Mixed precision (see Window.scale_loss): the loss is scaled by
         # scale / n, and the gradients unscaled before they are added.
         scaling = isinstance(optimizer, _compat.loss_scale_optimizer_classes(keras))
+        if scaling:
+            _model.refuse_skipping_with_loss_scaling(self)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
@@ -117,7 +119,7 @@ class _Keras2Training(_model.Accumulating):
         if (verbose != 0 and _compat.executing_eagerly()
                 and not any(isinstance(cb, keras.callbacks.ProgbarLogger) for cb in callbacks)):
             callbacks.insert(0, keras.callbacks.ProgbarLogger(
-                count_mode="steps", stateful_metrics=["updates"]))
+                count_mode="steps", stateful_metrics=list(_model.COUNTS)))
         return callbacks
 
     def _accum_loss(self, x, y, y_pred, sample_weight):

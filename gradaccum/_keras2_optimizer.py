@@ -24,11 +24,11 @@ _BASES = _compat.keras2_optimizer_bases(keras)
 _LOSS_SCALE_OPTIMIZERS = _compat.loss_scale_optimizer_classes(keras)
 
 
-def wrap(optimizer, n, reduction=MEAN, name=None):
+def wrap(optimizer, n, reduction=MEAN, name=None, skip_nonfinite=False):
     """The AccumOptimizer of `optimizer`'s family (see `gradaccum.AccumOptimizer`)."""
     for base, cls in zip(_BASES, _CLASSES):
         if isinstance(optimizer, base):
-            return cls(optimizer, n, reduction=reduction, name=name)
+            return cls(optimizer, n, reduction=reduction, name=name, skip_nonfinite=skip_nonfinite)
     raise TypeError("AccumOptimizer: not a Keras 2 optimizer: {!r}".format(optimizer))
 
 
@@ -36,13 +36,14 @@ class _Keras2Accumulating(_optimizer.AccumulatingOptimizer):
     """The Keras 2 wrapper, whichever optimizer family it belongs to."""
 
     @_compat.no_automatic_dependency_tracking
-    def __init__(self, optimizer, n, reduction=MEAN, name=None):
+    def __init__(self, optimizer, n, reduction=MEAN, name=None, skip_nonfinite=False):
         # Like LossScaleOptimizer: the base constructor is not run; every
         # piece of optimizer state is the wrapped optimizer's.
         self._optimizer = optimizer
         self._accum_name = name or "AccumOptimizer"
         _compat.delegating_trackable_mixin().__init__(self, optimizer)
-        self._init_accumulation(n, reduction)
+        self._init_accumulation(n, reduction, skip_nonfinite)
+        self._accum_refuse_skipping_with_loss_scaling(isinstance(optimizer, _LOSS_SCALE_OPTIMIZERS))
         _compat.track(self, self._accum_window.state, "gradaccum")
 
     @property

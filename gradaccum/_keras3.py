@@ -35,9 +35,9 @@ from ._window import multiplied
 keras = _compat.keras3_module()
 
 
-def wrap(model, n, epoch_end):
+def wrap(model, n, **options):
     """The accumulating model for `model` (see `gradaccum.accumulate`)."""
-    return _model.wrap(model, n, epoch_end, AccumModel, AccumWrapper, _compile_args)
+    return _model.wrap(model, n, options, AccumModel, AccumWrapper, _compile_args)
 
 
 class _Keras3Training(_model.Accumulating):
@@ -67,6 +67,7 @@ class _Keras3Training(_model.Accumulating):
         stand_ins = {}
         unscale = rescale = list
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            _model.refuse_skipping_with_loss_scaling(self)
             # Mixed precision (see Window.scale_loss): each micro-batch's loss
             # is scaled by scale / n, so that its float16 gradients have the
             # big batch's magnitudes, and the gradients are unscaled before
@@ -187,7 +188,7 @@ class _ProgbarLogger(keras.callbacks.ProgbarLogger):
         super(_ProgbarLogger, self)._maybe_init_progbar()
         stateful = getattr(self.progbar, "stateful_metrics", None)
         if stateful is not None:  # None: Keras >= 3.12 averages nothing
-            stateful.add("updates")
+            stateful.update(_model.COUNTS)
 
 
 _Keras3Training._window_callback = _WindowCallback

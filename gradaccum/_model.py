@@ -38,10 +38,14 @@ _KERAS_PACKAGES = ("keras", "tf_keras", "tensorflow", "tensorflow_core")
 # the same on Keras 2 and 3.
 _FIT_VERBOSE_INDEX = 4
 _FIT_CALLBACKS_INDEX = 5
+# What an accumulating model logs besides Keras' metrics: counts, not averages.
+COUNTS = ("updates", "skipped")
 
 
-def wrap(model, n, epoch_end, functional_class, wrapper_class, compile_args):
+def wrap(model, n, options, functional_class, wrapper_class, compile_args):
     """The accumulating model for `model` (see `gradaccum.accumulate`).
+
+    `options` are accumulate's keyword arguments (epoch_end, skip_nonfinite).
 
     `compile_args(model)` returns the arguments `model` was compiled with, or
     None if it was not compiled; the route knows where its Keras keeps them.
@@ -62,9 +66,9 @@ def wrap(model, n, epoch_end, functional_class, wrapper_class, compile_args):
     if _is_functional(model):
         inputs, outputs = _ends(model)
         accumulating = functional_class(
-            inputs=inputs, outputs=outputs, name=model.name, n=n, epoch_end=epoch_end)
+            inputs=inputs, outputs=outputs, name=model.name, n=n, **options)
     else:
-        accumulating = wrapper_class(model, n=n, epoch_end=epoch_end)
+        accumulating = wrapper_class(model, n=n, **options)
     arguments = compile_args(model)
     if arguments is not None:
         accumulating.compile(**arguments)
@@ -124,6 +128,13 @@ def refuse_accumulating_optimizer(optimizer, n):
                 .format(candidate.n, n, type(candidate).__name__))
 
 
+def refuse_skipping_with_loss_scaling(model):
+    """Raises if the model skips non-finite windows and trains under a LossScaleOptimizer."""
+    from ._optimizer import refusal_of_skipping_with_loss_scaling
+    if model.skip_nonfinite:
+        raise ValueError(refusal_of_skipping_with_loss_scaling("accumulate", "the model's"))
+
+
 def refuse_loss_scaling(optimizer, keras):
     # The graph route (Keras 2 with eager disabled) has no micro-batch loss
     # scaling; say so rather than train float16 gradients unscaled.
@@ -160,17 +171,17 @@ class Accumulating(object):
     _window_callback = None
     _scheduler_callback = None
 
-    def _init_accumulation(self, n, epoch_end):
+    def _init_accumulation(self, n, epoch_end, skip_nonfinite):
         self._accum_n = n
         # Made with n = 1, the model trains with Keras' own step, which has no
-        # window to make n larger later (see the n setter).
-        self._accum_keras_step = n == 1
+        # window to make n larger later (see the n setter), nor to skip.
+        self._accum_keras_step = n == 1 and not skip_nonfinite
         self._accum_epoch_end = epoch_end
         # A plain attribute, so that Keras does not take its variables for
         # weights: they must not appear in get_weights() or weight files. Its
         # state is a checkpoint dependency instead, so tf.train.Checkpoint
         # (and what Keras builds on it) saves and restores an open window.
-        self._accum_window = Window(n)
+        self._accum_window = Window(n, skip_nonfinite=skip_nonfinite)
         track(self, self._accum_window.state, "gradaccum")
 
     @property
@@ -205,12 +216,20 @@ class Accumulating(object):
         """What happens to a partial window when an epoch ends: "apply" or "carry"."""
         return self._accum_epoch_end
 
+    @property
+    def skip_nonfinite(self):
+        """Whether a window with a non-finite gradient is skipped (counted in the logs' `skipped`)."""
+        return self._accum_window.skip_nonfinite
+
     def _accumulation_config(self):
-        return {"n": self._accum_n, "epoch_end": self._accum_epoch_end}
+        return {"n": self._accum_n, "epoch_end": self._accum_epoch_end,
+                "skip_nonfinite": self.skip_nonfinite}
 
     def _with_update_count(self, logs):
         logs = dict(logs)
         logs["updates"] = tf.identity(self.optimizer.iterations)
+        if self.skip_nonfinite:
+            logs["skipped"] = tf.identity(self._accum_window.skipped)
         return logs
 
     def fit(self, *args, **kwargs):
@@ -299,6 +318,8 @@ class WindowCallback(object):
         if logs is not None:
             logs["updates"] = self.model._accum_read(self.model.optimizer.iterations)
             logs["n"] = self.model.n
+            if self.model.skip_nonfinite:
+                logs["skipped"] = self.model._accum_read(self.model._accum_window.skipped)
             # Keras 3 before 3.7 hands over epoch logs with a key its metrics
             # lack (`updates`) as the step's tensors, which CSVLogger cannot
             # write; every later callback sees what this one leaves.
@@ -341,9 +362,9 @@ def epoch_steps(params):
 class FunctionalMixin(object):
     """Construction, saving and loading of `AccumModel` (a functional model)."""
 
-    def __init__(self, *args, n, epoch_end=APPLY, **kwargs):
+    def __init__(self, *args, n, epoch_end=APPLY, skip_nonfinite=False, **kwargs):
         super(FunctionalMixin, self).__init__(*args, **kwargs)  # keras.Model's, functional
-        self._init_accumulation(n, epoch_end)
+        self._init_accumulation(n, epoch_end, skip_nonfinite)
 
     def get_config(self):
         # A plain functional view of the same graph gives the functional
@@ -357,7 +378,7 @@ class FunctionalMixin(object):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        options = {key: config.pop(key) for key in ("n", "epoch_end") if key in config}
+        options = {key: config.pop(key) for key in ("n", "epoch_end", "skip_nonfinite") if key in config}
         plain = cls._keras.Model.from_config(config, custom_objects)
         return cls(inputs=plain.input, outputs=plain.output, name=plain.name, **options)
 
@@ -365,11 +386,11 @@ class FunctionalMixin(object):
 class WrapperMixin(object):
     """Construction, calling, saving and loading of `AccumWrapper` (around a subclassed model)."""
 
-    def __init__(self, model, n, epoch_end=APPLY, **kwargs):
+    def __init__(self, model, n, epoch_end=APPLY, skip_nonfinite=False, **kwargs):
         kwargs.setdefault("name", model.name)
         super(WrapperMixin, self).__init__(**kwargs)  # keras.Model's, subclassed
         self.wrapped = model
-        self._init_accumulation(n, epoch_end)
+        self._init_accumulation(n, epoch_end, skip_nonfinite)
         # A model built before wrapping gives a built wrapper, so that its
         # weights save and load before any training (Keras refuses both on an
         # unbuilt subclassed model).

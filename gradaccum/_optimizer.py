@@ -37,9 +37,9 @@ from ._window import Window
 class AccumulatingOptimizer(object):
     """What the Keras 2 and Keras 3 optimizer wrappers share."""
 
-    def _init_accumulation(self, n, reduction):
+    def _init_accumulation(self, n, reduction, skip_nonfinite):
         self._accum_n = n
-        self._accum_window = Window(n, reduction)
+        self._accum_window = Window(n, reduction, skip_nonfinite)
 
     @property
     def n(self):
@@ -53,6 +53,17 @@ class AccumulatingOptimizer(object):
         self._accum_n = value
         for variable, new in self._accum_window.n_values(value):
             variable.assign(new)
+
+    @property
+    def skip_nonfinite(self):
+        """Whether a window with a non-finite gradient is skipped (see `skipped`)."""
+        return self._accum_window.skip_nonfinite
+
+    @property
+    def skipped(self):
+        """Windows skipped for a non-finite gradient (with `skip_nonfinite=True`): a variable."""
+        self._accum_window.build()
+        return self._accum_window.skipped
 
     @not_converted
     def apply_gradients(self, grads_and_vars, batch_size=None, **kwargs):
@@ -129,6 +140,11 @@ class AccumulatingOptimizer(object):
         self._accum_window.restore(
             {key.replace("|", "/"): np.array(store[key]) for key in store.keys()})
 
+    def _accum_refuse_skipping_with_loss_scaling(self, loss_scaling):
+        """Raises if `skip_nonfinite` is set around a LossScaleOptimizer (route's constructor calls it)."""
+        if self.skip_nonfinite and loss_scaling:
+            raise ValueError(refusal_of_skipping_with_loss_scaling("AccumOptimizer", "the wrapped"))
+
     def _accum_refuse_outer_loss_scaling(self):
         """Raises: a LossScaleOptimizer is wrapping this AccumOptimizer (route's hook calls it)."""
         raise ValueError(
@@ -144,7 +160,17 @@ class AccumulatingOptimizer(object):
         return False
 
     def _accum_config(self):
-        return {"n": self._accum_n, "reduction": self._accum_window.reduction}
+        return {"n": self._accum_n, "reduction": self._accum_window.reduction,
+                "skip_nonfinite": self.skip_nonfinite}
+
+
+def refusal_of_skipping_with_loss_scaling(caller, whose):
+    """The message refusing skip_nonfinite=True with a LossScaleOptimizer."""
+    return (
+        "{}: skip_nonfinite=True is for float32 training; {} optimizer is a LossScaleOptimizer "
+        "(mixed precision), which skips a window with non-finite gradients itself and lowers its "
+        "loss scale, which skipping it first would never do. Leave skip_nonfinite=False. "
+        "Received: skip_nonfinite=True with a LossScaleOptimizer".format(caller, whose))
 
 
 def refuse_own_accumulation(optimizer, caller, advice):

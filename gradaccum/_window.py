@@ -61,11 +61,14 @@ class Window(object):
         n: Micro-batches per update.
         reduction: MEAN (the size-weighted mean, exact against the big batch)
             or SUM (the weighted sum).
+        skip_nonfinite: Skip a window whose gradients hold an inf or a nan
+            (see `apply`) instead of applying it as the big batch would.
     """
 
-    def __init__(self, n, reduction=MEAN):
+    def __init__(self, n, reduction=MEAN, skip_nonfinite=False):
         self.n = n  # (the variable `n_variable` is what the training graph reads)
         self.reduction = reduction
+        self.skip_nonfinite = skip_nonfinite
         self.state = _State()
         self._sums = {}  # variable_key(var) -> accumulator variable
         self._rows = {}  # variable_key(var) -> rows touched by sparse gradients
@@ -74,6 +77,7 @@ class Window(object):
         self.weight = None  # samples in the open window
         self.epoch_step = None  # micro-batches seen in this epoch
         self.epoch_steps = None  # micro-batches in this epoch, -1 if unknown
+        self.skipped = None  # windows skipped for non-finite gradients
         self._strategy = None  # the tf.distribute strategy the variables belong to
         # Every variable that has an accumulator, in the order they came. The
         # mean covers all of them: a variable whose gradient is None in one
@@ -107,6 +111,7 @@ class Window(object):
                 self.weight = self._track("weight", _variable(0.0, "gradaccum/weight", tf.float32))
                 self.epoch_step = self._track("epoch_step", _counter("gradaccum/epoch_step", tf.int64, 0))
                 self.epoch_steps = self._track("epoch_steps", _counter("gradaccum/epoch_steps", tf.int64, -1))
+                self.skipped = self._track("skipped", _counter("gradaccum/skipped", tf.int64, 0))
             for var in missing:
                 self._sums[variable_key(var)] = self._track(
                     _name(var, "sum"),
@@ -218,7 +223,7 @@ class Window(object):
             if tf.executing_eagerly():  # decide here: replica 0's count is every replica's
                 if int(self.count.numpy()) == 0:
                     return tf.constant(False)
-                applied = strategy.run(self.apply, args=(apply_fn,))
+                applied = strategy.run(self._apply_if, args=(tf.constant(True), apply_fn))
             else:
                 applied = strategy.run(self.flush, args=(apply_fn,))
             return strategy.experimental_local_results(applied)[0]
@@ -234,20 +239,52 @@ class Window(object):
         cross-replica context; its update branch runs `apply` on every replica
         with `strategy.run`. Every replica counts the same micro-batches, so
         replica 0's condition is every replica's.
+
+        With `skip_nonfinite`, the update branch first asks whether every
+        sum is finite (on every replica: one scalar all-reduce per window),
+        and applies the window or skips it whole.
         """
         replica = _strategy_replica()
         if replica is None:
-            return tf.cond(condition, lambda: self.apply(apply_fn), lambda: tf.constant(False))
+            def update():
+                if not self.skip_nonfinite:
+                    return self.apply(apply_fn)
+                return tf.cond(self._finite(), lambda: self.apply(apply_fn), self.skip)
+            return tf.cond(condition, update, lambda: tf.constant(False))
 
         def apply_if(strategy, condition):
-            def update():
-                applied = strategy.run(self.apply, args=(apply_fn,))
-                with tf.control_dependencies(strategy.experimental_local_results(applied)):
+            def on_replicas(fn):
+                done = strategy.run(fn)
+                with tf.control_dependencies(strategy.experimental_local_results(done)):
                     return tf.constant(True)
+
+            def update():
+                if not self.skip_nonfinite:
+                    return on_replicas(lambda: self.apply(apply_fn))
+                finite = strategy.reduce(
+                    tf.distribute.ReduceOp.SUM,
+                    strategy.run(lambda: tf.cast(tf.logical_not(self._finite()), tf.int32)),
+                    axis=None) == 0
+                return tf.cond(finite, lambda: on_replicas(lambda: self.apply(apply_fn)),
+                               lambda: on_replicas(self.skip))
             return tf.cond(strategy.experimental_local_results(condition)[0], update,
                            lambda: tf.constant(False))
 
         return replica.merge_call(apply_if, args=(condition,))
+
+    def _finite(self):
+        """Whether every sum of the open window is finite.
+
+        A float sum stays inf or nan once one addend was, so this is
+        whether every gradient added in the window was finite.
+        """
+        return tf.reduce_all([tf.reduce_all(tf.math.is_finite(total)) for total in self._sums.values()])
+
+    def skip(self):
+        """Empties the window without an update, and counts it in `skipped`. Returns False."""
+        with tf.control_dependencies([self.reset()]):
+            with tf.control_dependencies([self.skipped.assign_add(1)]):
+                return tf.constant(False)
 
     def apply(self, apply_fn):
         """Applies the window's mean with `apply_fn`, then empties the window.
@@ -312,7 +349,7 @@ class Window(object):
         """Every variable the window created (counters, sums, row markers)."""
         if not self.built:
             return []
-        return ([self.n_variable, self.count, self.weight, self.epoch_step, self.epoch_steps]
+        return ([self.n_variable, self.count, self.weight, self.epoch_step, self.epoch_steps, self.skipped]
                 + list(self._sums.values()) + list(self._rows.values()))
 
     def values(self):

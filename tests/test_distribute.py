@@ -45,16 +45,20 @@ class CountingReduction(tf.distribute.ReductionToOneDevice):
 
 
 def train(initial, n, batch_size, make_optimizer, jit_compile, unknown_length=False, samples=96,
-          model_factory=helpers.functional_mlp):
-    """(weights, optimizer steps, all-reduces run) of 2 epochs under a fresh MirroredStrategy."""
+          model_factory=helpers.functional_mlp, arrays=None, **options):
+    """(weights, optimizer steps, all-reduces run) of 2 epochs under a fresh MirroredStrategy.
+
+    `arrays`: (x, y) to train on instead of `samples` of helpers.data;
+    `options`: accumulate's.
+    """
     reduction = CountingReduction()
     strategy = tf.distribute.MirroredStrategy(DEVICES, cross_device_ops=reduction)
     with strategy.scope():
         model = helpers.fresh(model_factory, initial)
         if n is not None:
-            model = accumulate(model, n)
+            model = accumulate(model, n, **options)
         model.compile(make_optimizer(), "mse", **({"jit_compile": True} if jit_compile else {}))
-    x, y = helpers.data(samples)
+    x, y = arrays if arrays is not None else helpers.data(samples)
     if unknown_length:
         # A pipeline whose length fit cannot know: the last, partial window
         # of each epoch is applied after the epoch, outside the training step.
@@ -125,3 +129,18 @@ def test_a_replica_with_no_samples_adds_nothing_and_nothing_becomes_nan():
                                     model_factory=unregularized), N, GLOBAL_B)
     assert all(np.all(np.isfinite(w)) for w in accumulated[0]), "non-finite weights"
     assert big[1] == 6
+
+
+def test_skip_nonfinite_skips_a_window_non_finite_on_one_replica_only_on_both():
+    # Sample 40 is in micro-batch 2 (samples 32-47), in the second replica's
+    # half: only that replica's sums are non-finite, and both must skip
+    # (apart, they would deadlock or drift). Windows: samples 0-63 and 64-95.
+    x, y = helpers.data(96)
+    y = y.copy()
+    y[40, 0] = np.inf
+    make_optimizer = OPTIMIZERS["adam"]
+    initial = helpers.weights_of(helpers.functional_mlp())
+    accumulated = train(initial, N, GLOBAL_B, make_optimizer, False, arrays=(x, y), skip_nonfinite=True)
+    big = train(initial, None, N * GLOBAL_B, make_optimizer, False, arrays=(x[64:], y[64:]))
+    assert accumulated[1] == big[1] == 2
+    helpers.record("mirrored/skip_nonfinite", helpers.assert_same_training(initial, accumulated[0], big[0]))

@@ -194,6 +194,23 @@ def test_a_batch_size_schedule_matches_plain_training_at_the_scheduled_batches()
         initial, helpers.weights_of(model), helpers.weights_of(plain)))
 
 
+def test_skip_nonfinite_skips_a_window_with_an_inf_target_whole():
+    x, y = helpers.data(96)
+    y = y.copy()
+    y[41, 1] = np.inf  # window 2 of 3 per epoch (samples 32-63)
+    keep = np.r_[0:32, 64:96]
+    initial = helpers.weights_of(helpers.functional_mlp())
+    model = accumulate(helpers.fresh(helpers.functional_mlp, initial), 4, skip_nonfinite=True)
+    model.compile(optimizer=OPTIMIZERS["adam"](), loss="mse")
+    history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    big, big_steps = train(helpers.fresh(helpers.functional_mlp, initial), x[keep], y[keep], 32,
+                           OPTIMIZERS["adam"]())
+    assert iterations(model) == big_steps == 4
+    assert history.history["skipped"] == [1, 2]
+    helpers.record("graph-keras/skip_nonfinite", helpers.assert_same_training(
+        initial, helpers.weights_of(model), big))
+
+
 def test_n_equal_one_is_plain_training():
     x, y = helpers.data(SAMPLES)
     initial = helpers.weights_of(helpers.functional_mlp())

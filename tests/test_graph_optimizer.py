@@ -46,7 +46,7 @@ def data(samples=96, seed=0):
 class Net(object):
     """A small regression net with an embedding, built in the current graph."""
 
-    def __init__(self, make_optimizer, n=None, decay=True, micro_batch_size=False, split=False):
+    def __init__(self, make_optimizer, n=None, decay=True, micro_batch_size=False, split=False, **options):
         self.x = v1.placeholder(tf.float32, [None, FEATURES])
         self.rows = v1.placeholder(tf.int32, [None, 2])
         self.y = v1.placeholder(tf.float32, [None, 1])
@@ -63,7 +63,7 @@ class Net(object):
         self.optimizer = self.inner
         if n is not None:
             size = tf.shape(self.x)[0] if micro_batch_size else None
-            self.optimizer = AccumOptimizer(self.inner, n, micro_batch_size=size)
+            self.optimizer = AccumOptimizer(self.inner, n, micro_batch_size=size, **options)
         if split:  # what minimize does, spelled out by the caller
             grads_and_vars = self.optimizer.compute_gradients(self.loss)
             self.train_op = self.optimizer.apply_gradients(grads_and_vars, global_step=self.global_step)
@@ -118,6 +118,26 @@ def test_micro_batch_size_weights_unequal_micro_batches():
     _, unweighted, _ = train(OPTIMIZERS["adam"], micro, 4)
     oracles.assert_same_training(initial, weighted, big)
     oracles.assert_discriminates(initial, unweighted, big)
+
+
+def test_skip_nonfinite_skips_a_window_with_an_inf_whole_and_counts_it():
+    x, rows, y = data()
+    y = y.copy()
+    y[30, 0] = np.inf  # window 2 of 4 per epoch (samples 24-47)
+    keep = np.r_[0:24, 48:96]
+    initial, skipping, steps = train(OPTIMIZERS["adam"], batches((x, rows, y), 6), 4, skip_nonfinite=True)
+    _, big, big_steps = train(OPTIMIZERS["adam"], batches((x[keep], rows[keep], y[keep]), 24))
+    assert steps == big_steps == 6
+    oracles.record("graph-optimizer/skip_nonfinite", oracles.assert_same_training(initial, skipping, big))
+    _, plain, _ = train(OPTIMIZERS["adam"], batches((x, rows, y), 6), 4)
+    assert not all(np.isfinite(w).all() for w in plain)  # without the option: as the big batch
+    with tf.Graph().as_default():
+        net = Net(OPTIMIZERS["adam"], 4, skip_nonfinite=True)
+        with v1.Session() as session:
+            session.run(v1.global_variables_initializer())
+            for batch in batches((x, rows, y), 6):
+                session.run(net.train_op, net.feed(batch))
+            assert session.run(net.optimizer.skipped) == 2
 
 
 def test_state_moves_only_on_update_runs():

@@ -198,11 +198,11 @@ def test_the_state_checkpoints_by_stable_names_and_a_restored_window_continues_b
     assert {id(var) for var in original.state.variables} == {
         id(var) for var in original.all_variables() if var is not original.n_variable}
     assert sorted(original.state.by_name) == sorted([
-        "count", "weight", "epoch_step", "epoch_steps",
+        "count", "weight", "epoch_step", "epoch_steps", "skipped",
         "gradaccum/dense/sum", "gradaccum/embedding/sum", "gradaccum/embedding/rows"])
     path = tf.train.Checkpoint(w=original.state).save(str(tmp_path / "window"))
     saved = [name for name, _ in tf.train.list_variables(path)]
-    for name in ("count", "weight", "epoch_step", "epoch_steps", "gradaccum.Sdense.Ssum",
+    for name in ("count", "weight", "epoch_step", "epoch_steps", "skipped", "gradaccum.Sdense.Ssum",
                  "gradaccum.Sembedding.Ssum", "gradaccum.Sembedding.Srows"):
         assert "w/by_name/{}/.ATTRIBUTES/VARIABLE_VALUE".format(name) in saved, saved
 
@@ -228,3 +228,26 @@ def test_the_state_checkpoints_by_stable_names_and_a_restored_window_continues_b
     np.testing.assert_array_equal(ours["embedding:0"][1], [0, 1, 3, 7, 9])
     np.testing.assert_allclose(ours["embedding:0"][2], dense_rows[[0, 1, 3, 7, 9]] / 25.0, rtol=1e-6, atol=1e-7)
     assert int(restored.epoch_step.numpy()) == 4
+
+
+def test_skip_nonfinite_skips_a_window_with_an_inf_or_nan_whole_and_counts_it():
+    v, w = variable("v", (2, 3)), variable("w", (4,))
+    grads = gradients((2, 3), 6)
+    others = gradients((4,), 6, seed=1)
+    others[1][2] = np.inf  # window 1's second micro-batch, in one variable only
+    grads[5][0, 0] = np.nan  # window 3's last
+    window, recorder = Window(2, skip_nonfinite=True), Recorder()
+    applied = [bool(window.accumulate([(tf.constant(g), v), (tf.constant(o), w)], 4, recorder).numpy())
+               for g, o in zip(grads, others)]
+    assert applied == [False, False, False, True, False, False]
+    assert int(window.skipped.numpy()) == 2
+    assert len(recorder.calls) == 1  # window 2 only: neither variable of a skipped window moves
+    np.testing.assert_allclose(recorder.calls[0]["v:0"], weighted_mean(grads[2:4], [4, 4]), rtol=1e-6)
+    assert int(window.count.numpy()) == 0 and float(window.weight.numpy()) == 0.0
+
+    # Without the option the window is applied as it is: non-finite, as the big batch's gradient.
+    plain, recorder = Window(2), Recorder()
+    for g, o in zip(grads[:2], others[:2]):
+        plain.accumulate([(tf.constant(g), v), (tf.constant(o), w)], 4, recorder)
+    assert len(recorder.calls) == 1 and np.isinf(recorder.calls[0]["w:0"][2])
+    assert int(plain.skipped.numpy()) == 0
