@@ -118,8 +118,7 @@ class _Keras2Training(_model.Accumulating):
         # per batch. Graph mode logs no per-batch `updates`: Keras' own bar.)
         if (verbose != 0 and _compat.executing_eagerly()
                 and not any(isinstance(cb, keras.callbacks.ProgbarLogger) for cb in callbacks)):
-            callbacks.insert(0, keras.callbacks.ProgbarLogger(
-                count_mode="steps", stateful_metrics=list(_model.COUNTS)))
+            callbacks.insert(0, _ProgbarLogger(count_mode="steps"))
         return callbacks
 
     def _accum_loss(self, x, y, y_pred, sample_weight):
@@ -145,6 +144,10 @@ class _WindowCallback(_model.WindowCallback, keras.callbacks.Callback):
 
 
 class _SchedulerCallback(_model.SchedulerCallback, keras.callbacks.Callback):
+    pass
+
+
+class _ProgbarLogger(_model.CountsProgbarLogger, keras.callbacks.ProgbarLogger):
     pass
 
 

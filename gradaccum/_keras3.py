@@ -176,19 +176,8 @@ class _SchedulerCallback(_model.SchedulerCallback, keras.callbacks.Callback):
     pass
 
 
-class _ProgbarLogger(keras.callbacks.ProgbarLogger):
-    """Keras' progress bar, showing `updates` as the count it is.
-
-    Keras 3 before 3.12 averages every logged value over the epoch before it
-    shows it (an average of counts: 5.64 for 8 updates); later ones show the
-    values as they are, and this changes nothing there.
-    """
-
-    def _maybe_init_progbar(self):
-        super(_ProgbarLogger, self)._maybe_init_progbar()
-        stateful = getattr(self.progbar, "stateful_metrics", None)
-        if stateful is not None:  # None: Keras >= 3.12 averages nothing
-            stateful.update(_model.COUNTS)
+class _ProgbarLogger(_model.CountsProgbarLogger, keras.callbacks.ProgbarLogger):
+    pass
 
 
 _Keras3Training._window_callback = _WindowCallback

@@ -39,7 +39,7 @@ _KERAS_PACKAGES = ("keras", "tf_keras", "tensorflow", "tensorflow_core")
 _FIT_VERBOSE_INDEX = 4
 _FIT_CALLBACKS_INDEX = 5
 # What an accumulating model logs besides Keras' metrics: counts, not averages.
-COUNTS = ("updates", "skipped")
+COUNTS = ("updates", "skipped", "n")
 
 
 def wrap(model, n, options, functional_class, wrapper_class, compile_args):
@@ -346,6 +346,70 @@ class SchedulerCallback(object):
         self.model.n = n
         if self.scheduler.verbose:
             print("\nEpoch {}: AccumulationScheduler setting n to {}.".format(epoch + 1, n))
+
+
+class CountsProgbarLogger(object):
+    """Keras' progress bar, showing the COUNTS as integers ("updates: 8", not "8.0000").
+
+    A route declares `class _ProgbarLogger(CountsProgbarLogger, keras.callbacks.ProgbarLogger)`.
+    Keras' Progbar averages each value over the epoch, unless it is a
+    stateful metric, and prints it with 4 decimals; a value that is not a
+    list it prints as it is. So the counts are handed to it as `_Count`s,
+    which print as integers (and unpack as a stateful value, for the bar of
+    verbose=2 in Keras 3).
+    """
+
+    def _maybe_init_progbar(self):
+        super(CountsProgbarLogger, self)._maybe_init_progbar()
+        bar = self.progbar
+        if bar is None or getattr(bar, "_gradaccum_counts", False):
+            return
+        update = bar.update
+
+        def update_with_counts(current, values=None, *args, **kwargs):
+            rest = []
+            for key, value in values or []:
+                if key in COUNTS:
+                    if key not in bar._values_order:
+                        bar._values_order.append(key)
+                    bar._values[key] = _Count(value)
+                else:
+                    rest.append((key, value))
+            return update(current, rest, *args, **kwargs)
+
+        bar.update = update_with_counts
+        bar._gradaccum_counts = True
+
+
+class _Count(object):
+    """A count for Keras' Progbar: prints as an integer; unpacks as (value, 1)."""
+
+    def __init__(self, value):
+        self.value = _CountValue(int(value))
+
+    def __getitem__(self, index):
+        return (self.value, 1)[index]
+
+    def __iter__(self):
+        return iter((self.value, 1))
+
+    def __str__(self):
+        return str(int(self.value))
+
+    __repr__ = __str__
+
+
+class _CountValue(float):
+    """A count that stays one when a Progbar divides it by 1, averages it (np.mean) and formats it."""
+
+    def __truediv__(self, other):
+        return self if other == 1 else float(self) / other
+
+    def mean(self, *args, **kwargs):  # what np.mean calls on an object that has it
+        return self
+
+    def __format__(self, spec):
+        return str(int(self))
 
 
 def epoch_steps(params):

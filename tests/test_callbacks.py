@@ -83,3 +83,21 @@ def test_reduce_lr_on_plateau_acts_on_the_epochs_loss():
     rate = lambda m: float(m.optimizer.learning_rate.numpy())
     assert rate(model) == rate(big_model) == pytest.approx(0.1 / 4)
     helpers.record("callbacks/ReduceLROnPlateau", helpers.assert_same_training(initial, accumulated, big))
+
+
+def test_tensorboard_writes_updates_as_the_count_of_each_epoch(tmp_path):
+    pytest.importorskip("tensorboard", reason="TensorBoard is not installed (tf.summary needs it)")
+    import tensorflow as tf
+    initial = helpers.weights_of(helpers.functional_mlp())
+    _, _, _, history = fit_run(initial, N, B, [keras.callbacks.TensorBoard(str(tmp_path))])
+    scalars = {}
+    for path in tf.io.gfile.glob(str(tmp_path / "train" / "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if not value.tag.startswith("epoch_"):
+                    continue
+                number = tf.make_ndarray(value.tensor) if value.HasField("tensor") else value.simple_value
+                scalars.setdefault(value.tag, []).append((event.step, float(number)))
+    updates = [value for _, value in sorted(scalars["epoch_updates"])]
+    assert history.history["updates"] == [3, 6, 9]
+    assert updates == [3.0, 6.0, 9.0]  # (a TensorBoard scalar is a float; each is the count)
