@@ -1,0 +1,58 @@
+"""One side of test_long_runs' model loop, in a fresh process: prints its figures as JSON.
+
+    python long_run_worker.py plain|accumulated MODELS
+
+Builds, (wraps,) compiles and fits MODELS small models one after another,
+clearing Keras' session after each, as a hyperparameter search does, and
+reports how much the resident set grew over them (after a warm-up of 3
+models) and how many gradaccum objects outlived their model.
+"""
+
+import gc
+import json
+import sys
+import weakref
+
+import helpers
+from helpers import keras
+from gradaccum import accumulate
+
+
+def rss_mb():
+    gc.collect()
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def main(kind, models):
+    x, y = helpers.data(64)
+    alive = []
+
+    def one():
+        model = helpers.functional_mlp()
+        if kind == "accumulated":
+            model = accumulate(model, 4)
+        model.compile(keras.optimizers.Adam(0.01), "mse")
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        if kind == "accumulated":
+            alive.extend([weakref.ref(model), weakref.ref(model._accum_window.state),
+                          weakref.ref(model.optimizer)])
+        del model
+        keras.backend.clear_session()
+
+    for _ in range(3):
+        one()
+    before = rss_mb()
+    for _ in range(models):
+        one()
+    growth = rss_mb() - before
+    kept = [ref() for ref in alive if ref() is not None]
+    print(json.dumps({"growth_mb": growth, "kept": len(kept), "objects": len(alive),
+                      "kept_types": sorted(set(type(obj).__name__ for obj in kept))}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
