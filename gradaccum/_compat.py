@@ -339,3 +339,20 @@ def _unreadable_compile_args(keras_name, err):
     return RuntimeError(
         "accumulate: cannot read the compile() arguments of this already compiled "
         "model on {} ({}). Call accumulate(model, n) before model.compile(...).".format(keras_name, err))
+
+
+def keras3_after_backup_saves(backup, after):
+    """Calls `after()` each time Keras 3's BackupAndRestore `backup` has saved its files.
+
+    Keras 3.6-3.15 save in `BackupAndRestore._save_model()`, called at the
+    epoch's end or every `save_freq` batches (the count is kept in private
+    state, so the save itself is what is hooked, on this one instance).
+    """
+    save = backup._save_model
+
+    def save_then_after(*args, **kwargs):
+        result = save(*args, **kwargs)
+        after()
+        return result
+
+    backup._save_model = save_then_after

@@ -25,12 +25,15 @@ raises, rather than training every micro-batch.
 """
 
 import contextlib
+import io
+import os
 import threading
 
+import numpy as np
 import tensorflow as tf
 
 from . import _compat, _model, _optimizer
-from ._window import multiplied
+from ._window import CARRY, multiplied
 
 keras = _compat.keras3_module()
 
@@ -44,6 +47,16 @@ class _Keras3Training(_model.Accumulating):
     """Keras 3's training step, with the window in place of the optimizer's update."""
 
     _keras = keras
+
+    def _accum_backups(self, callbacks):
+        # Keras 3's BackupAndRestore writes a .weights.h5 file, which holds
+        # no window: each gets a companion that keeps it beside that file.
+        with_windows = []
+        for callback in callbacks:
+            with_windows.append(callback)
+            if isinstance(callback, keras.callbacks.BackupAndRestore):
+                with_windows.append(_BackupWindow(callback))
+        return with_windows
 
     def _accum_progress_bar(self, callbacks, verbose):
         # (Only when something is printed, and not over the user's own bar.)
@@ -178,6 +191,45 @@ class _SchedulerCallback(_model.SchedulerCallback, keras.callbacks.Callback):
 
 class _ProgbarLogger(_model.CountsProgbarLogger, keras.callbacks.ProgbarLogger):
     pass
+
+
+class _BackupWindow(keras.callbacks.Callback):
+    """Keeps the window beside a BackupAndRestore's files, in its backup_dir.
+
+    Saved each time the BackupAndRestore saves (so a run killed at any point
+    finds the pair it last wrote), restored where it restores: at the start
+    of the fit, after it (this callback follows it in the list). Keras 3
+    resumes a run at the start of the epoch it stopped in, so under "apply",
+    whose windows end with their epoch, the open window is emptied (a big
+    batch cut off half-way is lost, as in an interrupted fit); "carry"
+    resumes it. The counts (`skipped`) are restored either way. The
+    BackupAndRestore deletes its backup_dir, this file with it, when the fit
+    ends.
+    """
+
+    FILE = "gradaccum_window.npz"
+
+    def __init__(self, backup):
+        super(_BackupWindow, self).__init__()
+        self.path = os.path.join(backup.backup_dir, self.FILE)
+        _compat.keras3_after_backup_saves(backup, self._save)
+
+    def _save(self):
+        buffer = io.BytesIO()
+        np.savez(buffer, **{name.replace("/", "|"): value
+                            for name, value in self.model._accum_window.values().items()})
+        with tf.io.gfile.GFile(self.path, "wb") as handle:
+            handle.write(buffer.getvalue())
+
+    def on_train_begin(self, logs=None):
+        if not tf.io.gfile.exists(self.path):
+            return
+        with tf.io.gfile.GFile(self.path, "rb") as handle:
+            saved = np.load(io.BytesIO(handle.read()))
+            values = {name.replace("|", "/"): np.array(saved[name]) for name in saved.files}
+        model = self.model
+        with _model.strategy_of(model).scope():
+            model._accum_window.restore(values, open_window=model.epoch_end == CARRY)
 
 
 _Keras3Training._window_callback = _WindowCallback

@@ -263,6 +263,7 @@ class Accumulating(object):
                      for cb in callbacks or []]
         callbacks = self._accum_progress_bar(callbacks, verbose)
         if not self._accum_keras_step:
+            callbacks = self._accum_backups(callbacks)
             # First: at an epoch's end it applies a partial window and sets
             # `updates`, and every other callback (a checkpoint, a logger, a
             # progress bar, early stopping) must see the epoch's final weights.
@@ -274,6 +275,10 @@ class Accumulating(object):
 
     def _accum_progress_bar(self, callbacks, verbose):
         """The callbacks, with a progress bar that shows `updates` as a count (route hook)."""
+        return callbacks
+
+    def _accum_backups(self, callbacks):
+        """The callbacks, with what a BackupAndRestore needs to keep the window (route hook)."""
         return callbacks
 
     def _accum_flush(self):

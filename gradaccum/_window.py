@@ -26,12 +26,18 @@ returns its op so that graph-mode callers can order them with control
 dependencies (in a `tf.function`, program order is kept automatically).
 """
 
+import re
+
 import numpy as np
 import tensorflow as tf
 
 from ._compat import variable_key
 
 _FLOAT_ACCUMULATORS = (tf.float32, tf.float64)
+# The names (in `state`) of what holds the open window: the counters, and
+# each variable's sum and sparse-row marker ("_2" tells apart a second
+# variable of the same name).
+_OPEN_NAME = re.compile(r"^(count|weight)$|/(sum|rows)(_\d+)?$")
 
 # What a route does with a partial window when an epoch ends: apply it as one
 # update weighted by its samples, or carry it into the next epoch.
@@ -360,15 +366,19 @@ class Window(object):
         """
         return {name: var.numpy() for name, var in self.state.by_name.items()}
 
-    def restore(self, values):
+    def restore(self, values, open_window=True):
         """Assigns saved `values` (from `values()`) by name; eagerly.
 
         A sum of a variable whose accumulator does not exist yet (they are
         made at the first gradient) gets its value when it is made, as
-        tf.train.Checkpoint's deferred restoration does.
+        tf.train.Checkpoint's deferred restoration does. `open_window=False`
+        restores the counts and positions but not the open window (its sums,
+        row markers, weight and count), which stays as it is.
         """
         self.build()
         for name, value in values.items():
+            if not open_window and _OPEN_NAME.search(name):
+                continue
             variable = self.state.by_name.get(name)
             if variable is None:
                 self._pending[name] = value

@@ -99,3 +99,14 @@ def test_keras2_wrapper_checkpoints_as_the_optimizer_it_wraps(tmp_path):
     assert any(name.startswith("optimizer/") and "iter" in name.split("/")[1] for name in names), names
     assert any(name.startswith("optimizer/gradaccum/") for name in names), names
     np.testing.assert_array_equal(variable.numpy(), [1.0, 2.0])
+
+
+@helpers.keras3_only
+def test_keras3_after_backup_saves(tmp_path):
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"), save_freq=2)
+    saves = []
+    _compat.keras3_after_backup_saves(backup, lambda: saves.append(len(tf.io.gfile.listdir(backup.backup_dir))))
+    model = helpers.functional_mlp()
+    model.compile("sgd", "mse")
+    model.fit(*helpers.data(32), batch_size=8, epochs=1, verbose=0, callbacks=[backup])
+    assert len(saves) == 2 and all(files >= 1 for files in saves)  # after batches 2 and 4, once written

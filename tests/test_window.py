@@ -251,3 +251,24 @@ def test_skip_nonfinite_skips_a_window_with_an_inf_or_nan_whole_and_counts_it():
         plain.accumulate([(tf.constant(g), v), (tf.constant(o), w)], 4, recorder)
     assert len(recorder.calls) == 1 and np.isinf(recorder.calls[0]["w:0"][2])
     assert int(plain.skipped.numpy()) == 0
+
+
+def test_restore_without_the_open_window_keeps_the_counts_only():
+    v, w = variable("v", (2, 3)), variable("w", (4,))
+    saved = Window(4, skip_nonfinite=True)
+    grads = gradients((2, 3), 2)
+    for g in grads:
+        saved.accumulate([(tf.constant(g), v), (tf.constant(np.ones(4, "float32")), w)], 8, Recorder())
+    saved.skipped.assign(5)
+    values = saved.values()
+    assert set(values) >= {"count", "weight", "skipped", "gradaccum/v/sum", "gradaccum/w/sum"}
+
+    restored = Window(4, skip_nonfinite=True)
+    restored.restore(values, open_window=False)  # before its sums exist: none is kept pending
+    restored.accumulate([(tf.constant(grads[0]), v), (tf.constant(np.ones(4, "float32")), w)], 8, Recorder())
+    assert int(restored.skipped.numpy()) == 5 and int(restored.count.numpy()) == 1
+    np.testing.assert_array_equal(restored._sums[variable_key(v)].numpy(), 8 * grads[0])
+    whole = Window(4)
+    whole.restore(values)
+    whole.accumulate([(tf.constant(grads[0]), v), (tf.constant(np.ones(4, "float32")), w)], 8, Recorder())
+    assert int(whole.count.numpy()) == 3
