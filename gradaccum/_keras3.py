@@ -25,11 +25,9 @@ raises, rather than training every micro-batch.
 """
 
 import contextlib
-import io
 import os
 import threading
 
-import numpy as np
 import tensorflow as tf
 
 from . import _compat, _model, _optimizer
@@ -207,29 +205,20 @@ class _BackupWindow(keras.callbacks.Callback):
     ends.
     """
 
-    FILE = "gradaccum_window.npz"
-
     def __init__(self, backup):
         super(_BackupWindow, self).__init__()
-        self.path = os.path.join(backup.backup_dir, self.FILE)
+        self.path = os.path.join(backup.backup_dir, _model.WINDOW_FILE)
         _compat.keras3_after_backup_saves(backup, self._save)
 
     def _save(self):
-        buffer = io.BytesIO()
-        np.savez(buffer, **{name.replace("/", "|"): value
-                            for name, value in self.model._accum_window.values().items()})
-        with tf.io.gfile.GFile(self.path, "wb") as handle:
-            handle.write(buffer.getvalue())
+        _model.write_window(self.model._accum_window, self.path)
 
     def on_train_begin(self, logs=None):
         if not tf.io.gfile.exists(self.path):
             return
-        with tf.io.gfile.GFile(self.path, "rb") as handle:
-            saved = np.load(io.BytesIO(handle.read()))
-            values = {name.replace("|", "/"): np.array(saved[name]) for name in saved.files}
         model = self.model
         with _model.strategy_of(model).scope():
-            model._accum_window.restore(values, open_window=model.epoch_end == CARRY)
+            model._accum_window.restore(_model.read_window(self.path), open_window=model.epoch_end == CARRY)
 
 
 _Keras3Training._window_callback = _WindowCallback

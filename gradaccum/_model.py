@@ -20,8 +20,11 @@ Two model classes per route, because Keras models come in two kinds:
 - `AccumWrapper` holds a subclassed (or unbuilt Sequential) model and calls it.
 """
 
+import io
 import math
+import os
 
+import numpy as np
 import tensorflow as tf
 
 from ._compat import built_input_shape, is_graph_network, loss_scale_optimizer_classes, track
@@ -270,6 +273,24 @@ class Accumulating(object):
             callbacks.insert(0, self._window_callback())
         return callbacks
 
+    # `.keras` files (Keras' saving_lib, Keras >= 2.13 and 3): the window
+    # rides as the model's asset, a file that full saves write and
+    # weights-only saves (`save_weights`, `.weights.h5`) do not, so that
+    # weights files still load into the plain model. An old file without it
+    # loads with an empty window.
+
+    def save_assets(self, dir_path):
+        """Saves the open window with the model (Keras' saving_lib calls it)."""
+        if self._accum_window.built:
+            write_window(self._accum_window, os.path.join(dir_path, WINDOW_FILE))
+
+    def load_assets(self, dir_path):
+        """Restores the window that `save_assets` saved, if the file has one."""
+        path = os.path.join(dir_path, WINDOW_FILE) if dir_path else None
+        if path is not None and tf.io.gfile.exists(path):
+            with strategy_of(self).scope():
+                self._accum_window.restore(read_window(path))
+
     def _accum_check_fit(self):
         """Raises if this model cannot train with accumulation here (route hook)."""
 
@@ -415,6 +436,24 @@ class _CountValue(float):
 
     def __format__(self, spec):
         return str(int(self))
+
+
+WINDOW_FILE = "gradaccum_window.npz"
+
+
+def write_window(window, path):
+    """Writes the window's values (`Window.values`) to an .npz file at `path` (any tf.io.gfile path)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name.replace("/", "|"): value for name, value in window.values().items()})
+    with tf.io.gfile.GFile(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+
+
+def read_window(path):
+    """The window's values that `write_window` wrote, by name."""
+    with tf.io.gfile.GFile(path, "rb") as handle:
+        saved = np.load(io.BytesIO(handle.read()))
+        return {name.replace("|", "/"): np.array(saved[name]) for name in saved.files}
 
 
 def epoch_steps(params):

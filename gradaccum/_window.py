@@ -38,6 +38,7 @@ _FLOAT_ACCUMULATORS = (tf.float32, tf.float64)
 # each variable's sum and sparse-row marker ("_2" tells apart a second
 # variable of the same name).
 _OPEN_NAME = re.compile(r"^(count|weight)$|/(sum|rows)(_\d+)?$")
+_SUM_NAME = re.compile(r"/sum(_\d+)?$")
 
 # What a route does with a partial window when an epoch ends: apply it as one
 # update weighted by its samples, or carry it into the next epoch.
@@ -91,6 +92,8 @@ class Window(object):
         self.variables = []
         # Saved values of variables not created yet (see `restore`), by name.
         self._pending = {}
+        # variable_key(var) -> the name its restored sum was saved under, where it differs.
+        self._saved_names = {}
 
     @property
     def built(self):
@@ -118,13 +121,45 @@ class Window(object):
                 self.epoch_step = self._track("epoch_step", _counter("gradaccum/epoch_step", tf.int64, 0))
                 self.epoch_steps = self._track("epoch_steps", _counter("gradaccum/epoch_steps", tf.int64, -1))
                 self.skipped = self._track("skipped", _counter("gradaccum/skipped", tf.int64, 0))
+            unrestored = []
             for var in missing:
+                restored = len(self.state.restored)
                 self._sums[variable_key(var)] = self._track(
                     _name(var, "sum"),
                     _variable(tf.zeros(var.shape, _accumulator_dtype(var)), _name(var, "sum")))
                 self.variables.append(var)
+                if len(self.state.restored) == restored:
+                    unrestored.append(var)
+            self._restore_by_position(unrestored)
 
         _create_variables(create)
+
+    def _restore_by_position(self, unrestored):
+        """Gives restored sums saved under other names to `unrestored` variables, in order.
+
+        A model rebuilt from a file can name its variables anew (a reloaded
+        subclassed model names its layers from Keras' counters), while its
+        variables come in the same order, the order their sums were made and
+        saved in. Matched by position only when every one is accounted for
+        and every shape agrees; otherwise the window could not continue, and
+        saying so beats training on a window that lost its sums.
+        """
+        saved = [(name, value) for name, value in self._pending.items() if _SUM_NAME.search(name)]
+        if not saved or not unrestored:
+            return
+        shapes_agree = len(saved) == len(unrestored) and all(
+            tuple(np.shape(value)) == tuple(var.shape) for (_, value), var in zip(saved, unrestored))
+        if not shapes_agree:
+            raise ValueError(
+                "gradaccum: the restored window holds sums for {} that this model's variables {} "
+                "do not match (by name, or in order and shape), so its open window cannot "
+                "continue. Restore into the model that was saved, or empty the window first. "
+                "Received: saved sums {}".format(
+                    [name for name, _ in saved], [_name(var, "sum") for var in unrestored],
+                    [(name, tuple(np.shape(value))) for name, value in saved]))
+        for (name, value), var in zip(saved, unrestored):
+            self._sums[variable_key(var)].assign(self._pending.pop(name))
+            self._saved_names[variable_key(var)] = _SUM_NAME.sub("", name)
 
     def add(self, grads_and_vars, batch_size):
         """Adds one micro-batch: sum += batch_size * grad, count += 1."""
@@ -419,6 +454,9 @@ class Window(object):
             def create():
                 self._rows[key] = self._track(_name(var, "rows"), _variable(
                     tf.zeros(var.shape[:1], tf.int32), _name(var, "rows")))
+                saved = self._saved_names.get(key, "") + "/rows"  # (its sum was restored by position)
+                if saved in self._pending:
+                    self._rows[key].assign(self._pending.pop(saved))
             _create_variables(create)
         return self._rows[key]
 
@@ -431,6 +469,7 @@ class Window(object):
         self.state.by_name[key] = variable
         if key in self._pending:  # (created under init_scope: assigned eagerly)
             variable.assign(self._pending.pop(key))
+            self.state.restored.add(key)
         return variable
 
 
@@ -446,6 +485,7 @@ class _State(tf.Module):
     def __init__(self):
         super(_State, self).__init__(name="gradaccum")
         self.by_name = {}
+        self.restored = set()  # names given a saved value as they were made
 
 
 def multiplied(grads_and_vars, factor):

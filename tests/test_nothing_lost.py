@@ -137,6 +137,41 @@ def test_a_checkpoint_of_the_model_taken_mid_window_resumes_bitwise(tmp_path):
     assert len(stopped.get_weights()) == len(helpers.functional_mlp().get_weights())  # no accumulator
 
 
+@pytest.mark.parametrize("kind", ["functional", "subclassed"])
+def test_a_keras_file_saved_mid_window_resumes_bitwise(kind, tmp_path):
+    # model.save() writes the optimizer's state, and so the window, as the
+    # model's asset. A reloaded subclassed model names its layers anew: its
+    # window's sums are matched by position (they were saved by name).
+    if not _has_keras_files():
+        pytest.skip("this Keras has no .keras files (saving_lib)")
+    initial = helpers.weights_of(helpers.MODELS[kind]())
+    path = str(tmp_path / "mid-window.keras")
+
+    def compiled():
+        model = accumulate(helpers.fresh(helpers.MODELS[kind], initial), N, epoch_end="carry")
+        model.compile(helpers.OPTIMIZERS["adam-schedule"](), "mse")
+        return model
+
+    def save(model):
+        model.save(path)
+        return path
+
+    def empty_window(model):
+        model._accum_window.build()
+        model._accum_window._pending.clear()
+        model._accum_set(model._accum_window.empty_values())
+
+    def restore(saved):
+        return keras.models.load_model(saved, custom_objects={"SubclassedMLP": helpers.SubclassedMLP})
+
+    helpers.assert_resumes_mid_window(initial, compiled, save, restore, empty_window)
+
+
+def _has_keras_files():
+    """Whether Keras saves .keras archives (saving_lib: Keras >= 2.13, Keras 3)."""
+    return helpers.KERAS3 or hasattr(keras.optimizers.Adam(), "save_own_variables")
+
+
 # --- odd data: each trains as the big batch would ---
 
 def fit_run(initial, n, batch_size, data=None, accumulate_kwargs=None, compile_kwargs=None, **fit_kwargs):

@@ -8,6 +8,7 @@ independently with numpy, as optax's `_accumulation_test.py` tests
 """
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import helpers
@@ -272,3 +273,27 @@ def test_restore_without_the_open_window_keeps_the_counts_only():
     whole.restore(values)
     whole.accumulate([(tf.constant(grads[0]), v), (tf.constant(np.ones(4, "float32")), w)], 8, Recorder())
     assert int(whole.count.numpy()) == 3
+
+
+def test_sums_saved_under_other_names_are_matched_by_position_or_refused():
+    # A reloaded subclassed model names its layers anew: "dense_7/kernel"
+    # was saved as "dense_3/kernel". Same order and shapes: restored.
+    grads = gradients((2, 3), 2)
+    old = [variable("dense_3/kernel", (2, 3)), variable("dense_3/bias", (3,))]
+    saved = Window(4)
+    for g in grads:
+        saved.accumulate([(tf.constant(g), old[0]), (tf.constant(g[0]), old[1])], 8, Recorder())
+    values = saved.values()
+    new = [variable("dense_7/kernel", (2, 3)), variable("dense_7/bias", (3,))]
+    restored, recorder = Window(4), Recorder()
+    restored.restore(values)
+    for g in grads:
+        restored.accumulate([(tf.constant(g), new[0]), (tf.constant(g[0]), new[1])], 8, recorder)
+    np.testing.assert_allclose(recorder.calls[0]["dense_7/kernel:0"], weighted_mean(grads + grads, [8] * 4),
+                               rtol=1e-6)
+    # Shapes that do not agree: the window cannot continue, and says so.
+    other = Window(4)
+    other.restore(values)
+    wrong = [variable("x/kernel", (3, 2)), variable("x/bias", (3,))]
+    with pytest.raises(ValueError, match=r"cannot continue.*dense_3/kernel/sum"):
+        other.accumulate([(tf.constant(grads[0].T), wrong[0]), (tf.constant(grads[0][0]), wrong[1])], 8, Recorder())
