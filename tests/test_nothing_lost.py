@@ -226,3 +226,52 @@ def test_steps_per_epoch_that_is_no_multiple_of_n_on_endless_data(epoch_end):
     assert accumulated[1] == big[1] == (5 if epoch_end == "carry" else 6)
     helpers.record("odd/steps_per_epoch 10, n 4, " + epoch_end,
                    helpers.assert_same_training(initial, accumulated[0], big[0]))
+
+
+@pytest.mark.skipif(helpers.KERAS3, reason="Keras 3's save_weights writes .weights.h5 only, which holds no window")
+def test_tf_format_weights_taken_mid_window_resume_bitwise(tmp_path):
+    # Keras 2's TF-format save_weights is a checkpoint of the model and its
+    # optimizer, and so of the window.
+    initial = helpers.weights_of(helpers.functional_mlp())
+    path = str(tmp_path / "mid-window")
+
+    def compiled():
+        model = accumulate(helpers.fresh(helpers.functional_mlp, initial), N, epoch_end="carry")
+        model.compile(helpers.OPTIMIZERS["adam-schedule"](), "mse")
+        return model
+
+    def save(model):
+        model.save_weights(path)
+        return path
+
+    def restore(saved):
+        model = compiled()
+        model.load_weights(saved)
+        return model
+
+    def empty_window(model):
+        model._accum_window.build()
+        model._accum_set(model._accum_window.empty_values())
+
+    helpers.assert_resumes_mid_window(initial, compiled, save, restore, empty_window)
+
+
+def test_a_checkpoint_from_before_accumulation_loads_with_an_empty_window(tmp_path):
+    # Plain training checkpointed, then continued with accumulation: weights
+    # and optimizer state come back, the window starts empty, and the run
+    # equals continuing plainly at the big batch.
+    x, y = helpers.data(96)
+    initial = helpers.weights_of(helpers.functional_mlp())
+    plain = helpers.fresh(helpers.functional_mlp, initial)
+    plain.compile(helpers.OPTIMIZERS["adam"](), "mse")
+    plain.fit(x, y, batch_size=N * B, shuffle=False, verbose=0)
+    path = tf.train.Checkpoint(model=plain, optimizer=plain.optimizer).write(str(tmp_path / "plain"))
+    plain.fit(x, y, batch_size=N * B, shuffle=False, verbose=0)
+
+    model = accumulate(helpers.fresh(helpers.functional_mlp, initial), N)
+    model.compile(helpers.OPTIMIZERS["adam"](), "mse")
+    tf.train.Checkpoint(model=model, optimizer=model.optimizer).restore(path)
+    model.fit(x, y, batch_size=B, shuffle=False, verbose=0)
+    assert helpers.steps_of(model) == helpers.steps_of(plain) == 6
+    helpers.record("resume/plain checkpoint continued with accumulation", helpers.assert_same_training(
+        initial, helpers.weights_of(model), helpers.weights_of(plain)))
