@@ -325,6 +325,16 @@ class WindowCallback(object):
     A route declares `class _WindowCallback(WindowCallback, keras.callbacks.Callback)`.
     """
 
+    def set_params(self, params):
+        super(WindowCallback, self).set_params(params)
+        # Graph-mode Keras lists the logged names in params["metrics"], one
+        # list that every callback shares; TF 1.x's progress bar shows only
+        # those. Listed, the counts show there too.
+        metrics = params.get("metrics") if isinstance(params, dict) else None
+        if isinstance(metrics, list):
+            skipping = getattr(self.model, "skip_nonfinite", False)
+            metrics.extend(key for key in COUNTS if key not in metrics and (key != "skipped" or skipping))
+
     def on_epoch_begin(self, epoch, logs=None):
         model = self.model
         steps = epoch_steps(self.params) if model.epoch_end == APPLY else None

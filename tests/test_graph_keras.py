@@ -6,6 +6,7 @@ accumulation versus fit at n*b without, from the same initial weights, on data
 whose size is not a multiple of n*b (so every epoch ends in a short window).
 """
 
+import csv
 import math
 import os
 import subprocess
@@ -209,6 +210,23 @@ def test_skip_nonfinite_skips_a_window_with_an_inf_target_whole():
     assert history.history["skipped"] == [1, 2]
     helpers.record("graph-keras/skip_nonfinite", helpers.assert_same_training(
         initial, helpers.weights_of(model), big))
+
+
+def test_updates_reach_the_progress_bar_and_csv_as_counts(capsys, tmp_path):
+    # TF 1.x's progress bar shows only the names graph-mode Keras lists in
+    # params["metrics"]; it once left `updates` out. (Graph-mode bars format
+    # every value with 4 decimals.)
+    x, y = helpers.data(96)
+    model = accumulate(helpers.functional_mlp(), 4)
+    model.compile(optimizer=OPTIMIZERS["sgd"](), loss="mse")
+    log = str(tmp_path / "log.csv")
+    history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=1,
+                        callbacks=[keras.callbacks.CSVLogger(log)])
+    assert history.history["updates"] == [3, 6]
+    printed = capsys.readouterr().out
+    assert "updates: 3" in printed and "updates: 6" in printed, printed[-500:]
+    with open(log) as handle:
+        assert [row["updates"] for row in csv.DictReader(handle)] == ["3", "6"]
 
 
 def test_n_equal_one_is_plain_training():
