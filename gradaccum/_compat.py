@@ -356,3 +356,13 @@ def keras3_after_backup_saves(backup, after):
         return result
 
     backup._save_model = save_then_after
+
+
+def keras2_loads_assets():
+    """Whether Keras 2's saving_lib can load back a `.keras` file that holds assets.
+
+    Not on Python >= 3.12 (tf-keras 2.21, measured): its `load_model` extracts
+    the archive for the assets while h5py still reads the weights from an open
+    member of the same zip file, and the read then ends early (EOFError).
+    """
+    return sys.version_info < (3, 12)

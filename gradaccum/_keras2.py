@@ -31,6 +31,7 @@ class _Keras2Training(_model.Accumulating):
     """Keras 2's training step, eager (`train_step`) and graph (`_make_train_function`)."""
 
     _keras = keras
+    _accum_assets_load = _compat.keras2_loads_assets()
 
     def _init_accumulation(self, n, epoch_end, skip_nonfinite):
         super(_Keras2Training, self)._init_accumulation(n, epoch_end, skip_nonfinite)

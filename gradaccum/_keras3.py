@@ -194,9 +194,9 @@ class _ProgbarLogger(_model.CountsProgbarLogger, keras.callbacks.ProgbarLogger):
 class _BackupWindow(keras.callbacks.Callback):
     """Keeps the window beside a BackupAndRestore's files, in its backup_dir.
 
-    Saved each time the BackupAndRestore saves (so a run killed at any point
-    finds the pair it last wrote), restored where it restores: at the start
-    of the fit, after it (this callback follows it in the list). Keras 3
+    Saved right after each save of the BackupAndRestore, restored where it
+    restores: at the start of the fit, after it (this callback follows it in
+    the list). Keras 3
     resumes a run at the start of the epoch it stopped in, so under "apply",
     whose windows end with their epoch, the open window is emptied (a big
     batch cut off half-way is lost, as in an interrupted fit); "carry"

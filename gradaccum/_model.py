@@ -173,6 +173,8 @@ class Accumulating(object):
     _keras = None
     _window_callback = None
     _scheduler_callback = None
+    # Whether this Keras loads back a .keras file that holds assets (the window).
+    _accum_assets_load = True
 
     def _init_accumulation(self, n, epoch_end, skip_nonfinite):
         self._accum_n = n
@@ -281,7 +283,7 @@ class Accumulating(object):
 
     def save_assets(self, dir_path):
         """Saves the open window with the model (Keras' saving_lib calls it)."""
-        if self._accum_window.built:
+        if self._accum_window.built and self._accum_assets_load:
             write_window(self._accum_window, os.path.join(dir_path, WINDOW_FILE))
 
     def load_assets(self, dir_path):
@@ -452,11 +454,17 @@ WINDOW_FILE = "gradaccum_window.npz"
 
 
 def write_window(window, path):
-    """Writes the window's values (`Window.values`) to an .npz file at `path` (any tf.io.gfile path)."""
+    """Writes the window's values (`Window.values`) to an .npz file at `path` (any tf.io.gfile path).
+
+    Written whole, then renamed into place: a process killed while writing
+    leaves the previous file, not half of one.
+    """
     buffer = io.BytesIO()
     np.savez(buffer, **{name.replace("/", "|"): value for name, value in window.values().items()})
-    with tf.io.gfile.GFile(path, "wb") as handle:
+    partial = path + ".partial"
+    with tf.io.gfile.GFile(partial, "wb") as handle:
         handle.write(buffer.getvalue())
+    tf.io.gfile.rename(partial, path, overwrite=True)
 
 
 def read_window(path):

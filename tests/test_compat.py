@@ -102,6 +102,7 @@ def test_keras2_wrapper_checkpoints_as_the_optimizer_it_wraps(tmp_path):
 
 
 @helpers.keras3_only
+@pytest.mark.skipif(not EAGER, reason="Keras 3 trains in eager mode")
 def test_keras3_after_backup_saves(tmp_path):
     backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"), save_freq=2)
     saves = []

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 import helpers
 from helpers import keras
-from gradaccum import accumulate
+from gradaccum import _compat, accumulate
 
 helpers.require_mode(eager=True)
 
@@ -144,6 +144,9 @@ def test_a_keras_file_saved_mid_window_resumes_bitwise(kind, tmp_path):
     # window's sums are matched by position (they were saved by name).
     if not _has_keras_files():
         pytest.skip("this Keras has no .keras files (saving_lib)")
+    if not helpers.KERAS3 and not _compat.keras2_loads_assets():
+        pytest.skip("Keras 2's load_model reads no .keras file with assets on Python >= 3.12 "
+                    "(EOFError), so the window is not saved there (README)")
     initial = helpers.weights_of(helpers.MODELS[kind]())
     path = str(tmp_path / "mid-window.keras")
 
