@@ -162,6 +162,17 @@ HAS_JIT_COMPILE = "jit_compile" in inspect.signature(keras.Model.compile).parame
 needs_jit_compile = pytest.mark.skipif(not HAS_JIT_COMPILE, reason="this Keras has no compile(jit_compile=...)")
 
 
+def rss_mb():
+    """This process's resident set size in MB (Linux), after a garbage collection."""
+    import gc
+    gc.collect()
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
 def weights_of(model):
     return [np.array(w) for w in model.get_weights()]
 

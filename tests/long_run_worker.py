@@ -8,7 +8,6 @@ reports how much the resident set grew over them (after a warm-up of 3
 models) and how many gradaccum objects outlived their model.
 """
 
-import gc
 import json
 import sys
 import weakref
@@ -16,15 +15,6 @@ import weakref
 import helpers
 from helpers import keras
 from gradaccum import accumulate
-
-
-def rss_mb():
-    gc.collect()
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def main(kind, models):
@@ -45,10 +35,10 @@ def main(kind, models):
 
     for _ in range(3):
         one()
-    before = rss_mb()
+    before = helpers.rss_mb()
     for _ in range(models):
         one()
-    growth = rss_mb() - before
+    growth = helpers.rss_mb() - before
     kept = [ref() for ref in alive if ref() is not None]
     print(json.dumps({"growth_mb": growth, "kept": len(kept), "objects": len(alive),
                       "kept_types": sorted(set(type(obj).__name__ for obj in kept))}))

@@ -111,6 +111,20 @@ def test_a_subclassed_model_built_before_wrapping_saves_and_loads_weights_before
     assert other.fit(x, y, batch_size=B, verbose=0).history["updates"] == [1]
 
 
+def carrying(model_factory, initial, optimizer="adam-schedule"):
+    """A fresh accumulating model from `initial`, its windows carried between fits, compiled."""
+    model = accumulate(helpers.fresh(model_factory, initial), N, epoch_end="carry")
+    model.compile(helpers.OPTIMIZERS[optimizer](), "mse")
+    return model
+
+
+def empty_window(model):
+    """Empties the model's window, saved values still waiting for their sums included."""
+    model._accum_window.build()
+    model._accum_window._pending.clear()
+    model._accum_set(model._accum_window.empty_values())
+
+
 def test_a_checkpoint_of_the_model_taken_mid_window_resumes_bitwise(tmp_path):
     # epoch_end="carry": the window stays open between fits, so a fit that
     # ends mid-window leaves micro-batches that a checkpoint must hold.
@@ -118,18 +132,12 @@ def test_a_checkpoint_of_the_model_taken_mid_window_resumes_bitwise(tmp_path):
     initial = helpers.weights_of(helpers.functional_mlp())
 
     def compiled():
-        model = accumulate(helpers.fresh(helpers.functional_mlp, initial), N, epoch_end="carry")
-        model.compile(helpers.OPTIMIZERS["momentum"](), "mse")
-        return model
+        return carrying(helpers.functional_mlp, initial, "momentum")
 
     def restore(path):
         model = compiled()
         tf.train.Checkpoint(model=model, optimizer=model.optimizer).restore(path)
         return model
-
-    def empty_window(model):
-        model._accum_window.build()
-        model._accum_set(model._accum_window.empty_values())
 
     stopped = helpers.assert_resumes_mid_window(
         initial, compiled, lambda model: tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(
@@ -151,18 +159,11 @@ def test_a_keras_file_saved_mid_window_resumes_bitwise(kind, tmp_path):
     path = str(tmp_path / "mid-window.keras")
 
     def compiled():
-        model = accumulate(helpers.fresh(helpers.MODELS[kind], initial), N, epoch_end="carry")
-        model.compile(helpers.OPTIMIZERS["adam-schedule"](), "mse")
-        return model
+        return carrying(helpers.MODELS[kind], initial)
 
     def save(model):
         model.save(path)
         return path
-
-    def empty_window(model):
-        model._accum_window.build()
-        model._accum_window._pending.clear()
-        model._accum_set(model._accum_window.empty_values())
 
     def restore(saved):
         return keras.models.load_model(saved, custom_objects={"SubclassedMLP": helpers.SubclassedMLP})
@@ -239,9 +240,7 @@ def test_tf_format_weights_taken_mid_window_resume_bitwise(tmp_path):
     path = str(tmp_path / "mid-window")
 
     def compiled():
-        model = accumulate(helpers.fresh(helpers.functional_mlp, initial), N, epoch_end="carry")
-        model.compile(helpers.OPTIMIZERS["adam-schedule"](), "mse")
-        return model
+        return carrying(helpers.functional_mlp, initial)
 
     def save(model):
         model.save_weights(path)
@@ -251,10 +250,6 @@ def test_tf_format_weights_taken_mid_window_resume_bitwise(tmp_path):
         model = compiled()
         model.load_weights(saved)
         return model
-
-    def empty_window(model):
-        model._accum_window.build()
-        model._accum_set(model._accum_window.empty_values())
 
     helpers.assert_resumes_mid_window(initial, compiled, save, restore, empty_window)
 
