@@ -346,9 +346,12 @@ def keras3_after_backup_saves(backup, after):
 
     Keras 3.6-3.15 save in `BackupAndRestore._save_model()`, called at the
     epoch's end or every `save_freq` batches (the count is kept in private
-    state, so the save itself is what is hooked, on this one instance).
+    state, so the save itself is what is hooked, on this one instance). A
+    second fit with the same callback replaces the first fit's hook rather
+    than stacking another on it.
     """
-    save = backup._save_model
+    save = getattr(backup, "_gradaccum_unhooked_save", None) or backup._save_model
+    backup._gradaccum_unhooked_save = save
 
     def save_then_after(*args, **kwargs):
         result = save(*args, **kwargs)
