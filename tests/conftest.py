@@ -18,6 +18,21 @@ def pytest_addoption(parser):
              "tests on TF 2.x (TF 1.x is in graph mode anyway)")
 
 
+# Which tests this environment runs (tox.ini sets it): "full", the whole
+# suite, on the floor and the newest release of each Keras flavour; "core",
+# the tests marked core, on every TensorFlow minor in between; "errors", the
+# tests marked errors, where the installed Keras is one gradaccum refuses.
+SUITES = ("full", "core", "errors")
+
+
+def suite():
+    value = os.environ.get("GRADACCUM_SUITE", "full")
+    if value not in SUITES:
+        raise pytest.UsageError(
+            "GRADACCUM_SUITE must be one of {}. Received: GRADACCUM_SUITE={!r}".format(SUITES, value))
+    return value
+
+
 # CPUs the tf.distribute tests train on: the one physical CPU split into this
 # many logical devices, before TensorFlow initializes its devices.
 LOGICAL_CPUS = 2
@@ -27,6 +42,15 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "heavy: multi-process, distributed or long tests; tox runs them in one "
         "environment per Keras flavour (GRADACCUM_HEAVY=0 skips them elsewhere)")
+    config.addinivalue_line(
+        "markers", "core: the core subset (exactness over optimizers, the three model kinds, "
+        "saving and reloading, MirroredStrategy, the updates log, the private attributes "
+        "gradaccum reads), run alone on the TF minors between each flavour's floor and newest "
+        "(GRADACCUM_SUITE=core)")
+    config.addinivalue_line(
+        "markers", "errors: bad input and refused runtimes (test_errors), run alone where "
+        "gradaccum refuses the installed Keras (GRADACCUM_SUITE=errors)")
+    suite()  # a bad GRADACCUM_SUITE is an error before anything runs
     if config.getoption("--graph-mode") and not _compat.IS_TF1:
         tf.compat.v1.disable_eager_execution()
     if not _compat.IS_TF1:
@@ -36,6 +60,14 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    chosen = suite()
+    if chosen != "full":
+        # Deselected, not skipped: the matrix table names the suite, and the
+        # skip counts stay the chosen tests' own.
+        deselected = [item for item in items if chosen not in item.keywords]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if chosen in item.keywords]
     # Python 3.8 against 3.7, or 3.13 against 3.11, does not change what these
     # tests answer; the Keras flavour does (tox.ini says which env runs them).
     if os.environ.get("GRADACCUM_HEAVY", "1") != "0":
@@ -83,6 +115,7 @@ def pytest_terminal_summary(terminalreporter):
         "tensorflow": tf.__version__,
         "keras": _keras_description(),
         "mode": "eager" if _compat.executing_eagerly() else "graph",
+        "suite": suite(),
         "passed": len(stats.get("passed", [])),
         "failed": len(stats.get("failed", [])) + len(stats.get("error", [])),
         "skipped": len(stats.get("skipped", [])),

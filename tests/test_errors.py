@@ -10,8 +10,11 @@ import textwrap
 
 import pytest
 import tensorflow as tf
+from packaging.version import Version
 
-from gradaccum import accumulate
+from gradaccum import _compat, accumulate
+
+pytestmark = [pytest.mark.core, pytest.mark.errors]
 
 
 def any_model():
@@ -94,3 +97,21 @@ def test_a_keras3_older_than_the_supported_floor_is_refused(monkeypatch, old):
         accumulate(model, 4)
     with pytest.raises(NotImplementedError, match=message):
         AccumOptimizer(optimizer, 4)
+
+
+def test_the_installed_keras3_is_refused_when_older_than_the_floor():
+    # The monkeypatched test above, for real: py311-tf217-keras34 installs the
+    # Keras TF 2.17 shipped with (3.4.1), where the whole suite but this
+    # module would fail at its first accumulate(). A Sequential model is the
+    # kind Keras 3.4's own `input` failed on: the refusal comes first.
+    keras3 = _compat.keras3_module()
+    if keras3 is None or Version(keras3.__version__) >= _compat.MIN_KERAS3:
+        pytest.skip("the installed Keras is not a Keras 3 older than {}".format(_compat.MIN_KERAS3))
+    from gradaccum import AccumOptimizer
+    model = keras3.Sequential([keras3.Input((3,)), keras3.layers.Dense(1)])
+    message = r"needs Keras >= {} .* Received: Keras {} with TensorFlow {}".format(
+        re.escape(str(_compat.MIN_KERAS3)), re.escape(keras3.__version__), re.escape(tf.__version__))
+    with pytest.raises(NotImplementedError, match=message):
+        accumulate(model, 4)
+    with pytest.raises(NotImplementedError, match=message):
+        AccumOptimizer(keras3.optimizers.SGD(0.1), 4)

@@ -39,6 +39,7 @@ def compare(model_factory, make_optimizer, x, y, name, n=N, b=B, epoch_end="appl
     return accumulated[2]  # its History
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 def test_optimizers_match_big_batch(optimizer):
     x, y = helpers.data()
@@ -49,6 +50,7 @@ def test_optimizers_match_big_batch(optimizer):
 OPTIONS = helpers.GRADIENT_OPTIONS
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_optimizer_options_act_once_per_update_on_the_accumulated_gradient(option):
     def make_optimizer(**extra):
@@ -67,6 +69,7 @@ def test_optimizer_options_act_once_per_update_on_the_accumulated_gradient(optio
     helpers.assert_discriminates(initial, without, with_option)
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("kind", sorted(helpers.MODELS))
 def test_model_kinds_match_big_batch(kind):
     x, y = helpers.data()
@@ -118,6 +121,7 @@ def test_multi_input_multi_output_loss_weights_match_big_batch():
             compile_kwargs={"loss_weights": {"first": 0.3, "second": 2.0}})
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("n_samples", [100, 84], ids=["last-window-one-short-batch", "last-window-three-batches"])
 def test_ragged_window_applies_at_epoch_end(n_samples):
     # 100 = 3*32 + 4: the last window is one micro-batch of 4 samples, which
@@ -135,6 +139,7 @@ def test_steps_per_execution_and_jit_compile_match_big_batch():
             compile_kwargs={"steps_per_execution": 3, "jit_compile": True})
 
 
+@pytest.mark.core
 @helpers.needs_jit_compile
 def test_jit_compile_matches_big_batch():
     x, y = helpers.data()

@@ -14,6 +14,7 @@ helpers.require_mode(eager=True)
 N, B = 4, 8
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("kind", ["functional", "subclassed"])
 def test_the_callers_model_is_the_one_trained(kind):
     x, y = helpers.data()
@@ -32,6 +33,7 @@ def test_the_callers_model_is_the_one_trained(kind):
     assert model.evaluate(x, y, verbose=0) == pytest.approx(original.evaluate(x, y, verbose=0), rel=1e-6)
 
 
+@pytest.mark.core
 def test_wrapping_a_compiled_model_keeps_its_compile_settings():
     inputs, targets = helpers.two_in_two_out_data()
     initial = helpers.weights_of(helpers.two_in_two_out())
@@ -53,6 +55,7 @@ def test_wrapping_a_compiled_model_keeps_its_compile_settings():
     assert int(model.optimizer.iterations.numpy()) == int(big.optimizer.iterations.numpy()) == 6
 
 
+@pytest.mark.core
 def test_logs_count_updates_and_keep_metrics(capsys):
     x, y = helpers.data(100)
     model = accumulate(helpers.functional_mlp(), N)
@@ -94,6 +97,7 @@ def fit_save_reload_fit(model_factory, initial, path, batch_size, n=None, **save
 SUFFIXES = {"keras": ".keras"} if helpers.KERAS3 else {"savedmodel": "", "h5": ".h5", "keras": ".keras"}
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("fmt", sorted(SUFFIXES))
 def test_saved_model_reloads_and_keeps_accumulating(tmp_path, fmt):
     # The reference goes through the same save and load: formats differ in
@@ -136,6 +140,7 @@ def registered_mlp():
     return model
 
 
+@pytest.mark.core
 def test_subclassed_model_reloads(tmp_path):
     # Keras 2 saves subclassed models as SavedModel; Keras 3 to .keras.
     suffix, options = (".keras", {}) if helpers.KERAS3 else ("", {"save_format": "tf"})

@@ -70,6 +70,7 @@ def compare(x, y, make_optimizer, jit_compile, name, model_factory=helpers.funct
     return initial, accumulated, big, small
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("jit_compile", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 def test_mixed_float16_matches_the_big_batch(mixed_float16, optimizer, jit_compile):

@@ -19,6 +19,7 @@ helpers.require_mode(eager=True)
 N, B = 4, 8
 
 
+@pytest.mark.core
 def test_epoch_end_callbacks_see_the_epochs_final_weights_and_update_count(tmp_path):
     # Unknown epoch length (filter) and no validation: the partial window is
     # applied at the epoch's end, and must be before any user callback runs
@@ -125,6 +126,7 @@ def empty_window(model):
     model._accum_set(model._accum_window.empty_values())
 
 
+@pytest.mark.core
 def test_a_checkpoint_of_the_model_taken_mid_window_resumes_bitwise(tmp_path):
     # epoch_end="carry": the window stays open between fits, so a fit that
     # ends mid-window leaves micro-batches that a checkpoint must hold.
@@ -145,6 +147,7 @@ def test_a_checkpoint_of_the_model_taken_mid_window_resumes_bitwise(tmp_path):
     assert len(stopped.get_weights()) == len(helpers.functional_mlp().get_weights())  # no accumulator
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("kind", ["functional", "subclassed"])
 def test_a_keras_file_saved_mid_window_resumes_bitwise(kind, tmp_path):
     # model.save() writes the optimizer's state, and so the window, as the

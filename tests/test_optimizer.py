@@ -37,6 +37,7 @@ LOOP_CASES = [case if case in LIGHT_CASES else pytest.param(*case, marks=pytest.
               for case in LOOP_CASES]
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("optimizer, mode, samples", LOOP_CASES)
 def test_custom_loop_matches_the_big_batch(optimizer, mode, samples):
     x, y = helpers.data(SAMPLES[samples])
@@ -80,6 +81,7 @@ def test_optimizer_options_act_once_per_update_in_a_custom_loop(option):
     helpers.assert_discriminates(initial, without, with_option)
 
 
+@pytest.mark.core
 def test_micro_steps_leave_the_wrapped_optimizer_alone_and_iterations_count_updates():
     x, y = helpers.data(64)
     model = helpers.functional_mlp()
@@ -153,6 +155,7 @@ def own_train_step_model():
     return model
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("kind", ["functional", "own-train-step"])
 def test_compile_with_the_wrapper_matches_the_big_batch(kind):
     factory = helpers.functional_mlp if kind == "functional" else own_train_step_model
@@ -243,6 +246,7 @@ def test_a_checkpoint_taken_mid_window_resumes_bitwise_in_a_new_process(tmp_path
 _KERAS_FILES = hasattr(keras.optimizers.Adam(), "save_own_variables")  # Keras' saving_lib
 
 
+@pytest.mark.core
 @pytest.mark.skipif(not _KERAS_FILES, reason="this Keras has no .keras files (saving_lib)")
 def test_a_keras_file_saved_mid_window_resumes_bitwise(tmp_path):
     initial = helpers.weights_of(helpers.functional_mlp())

@@ -17,6 +17,8 @@ from gradaccum._window import SUM, Window
 
 helpers.require_mode(eager=True)
 
+pytestmark = pytest.mark.core
+
 
 class Recorder(object):
     """An apply_fn that keeps, per call, {variable name: numpy gradient or (indices, values, shape)}."""
