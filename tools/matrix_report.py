@@ -3,8 +3,11 @@
 Reads the JSON reports that tests/conftest.py writes into .tox/reports: one
 per tox environment and pytest pass (TF 2.x environments add a graph-mode
 pass, `<env>-graph.json`). An environment in tox.ini's env_list without a report
-never got to run its tests and counts as failed (unless --only-ran). With --readme, rewrites the
-"Supported versions" table in README.md from the environments that ran.
+never got to run its tests and counts as failed (unless --only-ran). Rows are
+sorted by TensorFlow, Keras and Python version (tox.ini lists the environments
+longest first, for scheduling), the environments that did not report last. With
+--readme, rewrites the "Supported versions" table in README.md from the
+environments that ran.
 
     python tools/matrix_report.py .tox/reports [--readme README.md]
 """
@@ -18,10 +21,12 @@ import os
 import re
 import sys
 
+from packaging.version import InvalidVersion, Version
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- versions:begin -->", "<!-- versions:end -->"
-COLUMNS = [("tox env", "env"), ("mode", "mode"), ("Python", "python"), ("TensorFlow", "tensorflow"),
-           ("Keras", "keras"), ("passed", "passed"), ("failed", "failed"), ("skipped", "skipped"),
+COLUMNS = [("tox env", "env"), ("suite", "suite"), ("mode", "mode"), ("Python", "python"),
+           ("TensorFlow", "tensorflow"), ("Keras", "keras"), ("passed", "passed"), ("failed", "failed"), ("skipped", "skipped"),
            ("xfailed", "xfailed")]
 
 
@@ -49,12 +54,28 @@ def load(reports_dir, environments):
         else:
             rows.append({"env": env, "mode": "-", "python": "-", "tensorflow": "-",
                          "keras": "no report: tests did not run", "passed": 0, "failed": 1, "skipped": 0,
-                         "xfailed": 0})
+                         "xfailed": 0, "suite": "-"})
         graph_pass = os.path.join(reports_dir, env + "-graph.json")
         if os.path.exists(graph_pass):
             with open(graph_pass) as handle:
                 rows.append(dict(json.load(handle), env=env))
-    return rows
+    return sorted(rows, key=order)
+
+
+def _version(text):
+    try:
+        return Version(text)
+    except InvalidVersion:
+        return Version("0")
+
+
+def order(row):
+    """Sort key: TF version, Keras package and version, Python version, eager before graph."""
+    if row["python"] == "-":
+        return (1, Version("0"), "", Version("0"), Version("0"), row["mode"], row["env"])
+    package, _, keras_version = row["keras"].rpartition(" ")
+    return (0, _version(row["tensorflow"]), package, _version(keras_version), _version(row["python"]),
+            row["mode"], row["env"])
 
 
 def table(rows):
