@@ -33,11 +33,11 @@ LIGHT_CASES = [("adam-schedule", "function", "whole-windows"), ("momentum", "fun
 LOOP_CASES = [(optimizer, mode, "whole-windows") for optimizer in sorted(OPTIMIZERS)
               for mode in ("eager", "function", "jit")]
 LOOP_CASES += [(optimizer, "function", "short-last-window") for optimizer in sorted(OPTIMIZERS)]
-LOOP_CASES = [case if case in LIGHT_CASES else pytest.param(*case, marks=pytest.mark.heavy)
+# The light cases are in the core subset too, which runs on every TF minor.
+LOOP_CASES = [pytest.param(*case, marks=pytest.mark.core if case in LIGHT_CASES else pytest.mark.heavy)
               for case in LOOP_CASES]
 
 
-@pytest.mark.core
 @pytest.mark.parametrize("optimizer, mode, samples", LOOP_CASES)
 def test_custom_loop_matches_the_big_batch(optimizer, mode, samples):
     x, y = helpers.data(SAMPLES[samples])
