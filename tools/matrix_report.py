@@ -26,8 +26,8 @@ from packaging.version import InvalidVersion, Version
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- versions:begin -->", "<!-- versions:end -->"
 COLUMNS = [("tox env", "env"), ("suite", "suite"), ("mode", "mode"), ("Python", "python"),
-           ("TensorFlow", "tensorflow"), ("Keras", "keras"), ("passed", "passed"), ("failed", "failed"), ("skipped", "skipped"),
-           ("xfailed", "xfailed")]
+           ("TensorFlow", "tensorflow"), ("Keras", "keras"), ("passed", "passed"), ("failed", "failed"),
+           ("skipped", "skipped"), ("xfailed", "xfailed")]
 
 
 def expand(spec):
