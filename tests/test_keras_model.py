@@ -224,3 +224,26 @@ def test_keras3s_own_accumulation_option_is_not_the_big_batch():
     big.fit(x, y, batch_size=N * B, epochs=2, shuffle=False, verbose=0)
     error = helpers.assert_discriminates(initial, helpers.weights_of(native), helpers.weights_of(big))
     helpers.record("keras3-native-option/adam-schedule", error)
+
+
+@pytest.mark.core
+def test_a_fit_with_a_short_last_window_traces_the_step_as_often_as_plain_keras():
+    # Issue 16, contract 4. 88 samples at b = 8 are 11 micro-batches an
+    # epoch: two windows of 4 and a short one of 3, applied at the epoch's
+    # end. Each Python run of train_step is one trace (fit runs it in a
+    # tf.function); a window that traced its update again at the epoch's end,
+    # or in the next epoch, would count more than plain Keras at b does.
+    x, y = helpers.data(88)
+    traces = {}
+    for n in (None, N):
+        model = helpers.functional_mlp()
+        if n is not None:
+            model = accumulate(model, n)
+        model.compile(keras.optimizers.Adam(0.01), "mse")
+        counted = []
+        step = model.train_step
+        model.train_step = lambda data, step=step, counted=counted: counted.append(1) or step(data)
+        model.fit(x, y, batch_size=B, epochs=3, shuffle=False, verbose=0)
+        traces[n] = len(counted)
+        assert helpers.steps_of(model) == (3 * 11 if n is None else 3 * 3)
+    assert 1 <= traces[N] == traces[None], traces
