@@ -12,23 +12,30 @@ can import:
 - gradient-accumulator 0.5.2's `GradientAccumulateModel` and
   `GradientAccumulateOptimizer`, where installed.
 
-Throughput variants are interleaved in one process, round after round, and
-reported as best-of-rounds with their spread, and as ratios to plain training
-at the same micro-batch measured in the same rounds: a lone absolute time on
-a shared machine is not a result. Memory is measured one configuration per
-child process (peak RSS). Convergence overlays the loss curves of accumulation
+Each variant trains through `fit`'s own train function, and the optimizer
+wrappers also in a custom training loop (`loop:` rows). TF runs on one thread
+(see `threads`). The variants of a model and n take one micro-step each in a
+new random order, step after step, after a trace and a warm-up, with the
+garbage collector kept out of the timed rounds. Each is reported as the
+median of its rounds with its spread, and as ratios to plain training and to
+the floor taken within each round: a lone absolute time on a shared machine
+is not a result. Memory is the peak of training itself (the data and model
+exist before it and are not counted), one configuration per fresh process,
+the median of several. Convergence overlays the loss curves of accumulation
 (b, n), the big batch n*b and plain b, and prints the max weight difference.
+`results.md` ends with a summary per environment and each target stated as
+met or missed, with its figures.
 
     python tools/benchmark.py --label keras3 --out tools/benchmark [--quick]
     python tools/benchmark.py --merge tools/benchmark   # results.md from every label
 """
 
 import argparse
+import gc
 import glob
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -148,94 +155,240 @@ def variants(keras):
     return found
 
 
+def loop_variants(keras):
+    """name -> (make(model, n) -> a training step for a custom loop): the optimizer wrappers.
+
+    Each step is a `tf.function` that computes the loss and its gradients with
+    a GradientTape and hands them to the optimizer, as a custom training loop
+    does; gradaccum's wrapper is also told the micro-batch's size.
+    """
+    tf = _tf()
+    from gradaccum import AccumOptimizer, _compat
+
+    def step_for(model, opt, batch_size=False):
+        @tf.function
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                    y, model(x, training=True), from_logits=True))
+            grads = tape.gradient(loss, model.trainable_variables)
+            pairs = zip(grads, model.trainable_variables)
+            if batch_size:
+                opt.apply_gradients(pairs, batch_size=tf.shape(x)[0])
+            else:
+                opt.apply_gradients(pairs)
+        return step
+
+    def sgd(**kwargs):
+        return keras.optimizers.SGD(0.01, momentum=0.9, **kwargs)
+
+    found = {
+        "loop: plain": lambda model, n: step_for(model, sgd()),
+        "loop: gradaccum-optimizer": lambda model, n: step_for(model, AccumOptimizer(sgd(), n), True),
+    }
+    if _compat.keras_major(keras) >= 3:
+        found["loop: keras3-option"] = lambda model, n: step_for(
+            model, sgd(gradient_accumulation_steps=n) if n > 1 else sgd())
+    try:
+        from gradient_accumulator import GradientAccumulateOptimizer
+    except ImportError:
+        pass
+    else:
+        legacy_sgd = getattr(keras.optimizers, "legacy", keras.optimizers).SGD
+        found["loop: gradient-accumulator-optimizer"] = lambda model, n: step_for(
+            model, GradientAccumulateOptimizer(optimizer=legacy_sgd(0.01, momentum=0.9), accum_steps=n)
+            if n > 1 else sgd())
+    return found
+
+
 # ---------------------------------------------------------------- throughput
 
+def threads():
+    """Pins TF to one intra-op and one inter-op thread, before its first op.
+
+    On the 2-core machine this was written on, TF's default pools (two
+    intra-op threads beside Python's own, and an inter-op pool) made the
+    same training step's time drift by 20-30% between rounds, and one thread
+    by about 6%, while the ratios between variants changed their order. The
+    ratios are then per-core efficiency, the figure this tool is for.
+    """
+    tf = _tf()
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
+def step_runner(keras, name, made, batches):
+    """A callable that runs one training step of `made`, on the next micro-batch of `batches`.
+
+    A compiled model is stepped through its own train function (the one
+    `fit` traced and warmed up), a custom loop's step through its
+    tf.function; either reads a repeating, cached tf.data iterator.
+    """
+    iterator = iter(batches)
+    if name.startswith("loop:"):
+        return lambda: made(*next(iterator))
+    train_function = made.make_train_function()
+    return lambda: train_function(iterator)
+
+
+# Micro-steps per variant and round: about 0.6 s on one core of a 2-core CPU.
+STEPS = {"mlp": 200, "cnn": 32}
+
+
 def throughput(args):
+    """Steady-state step time of every variant, stepped in turn, step by step.
+
+    For each model and n, every variant is traced and warmed up (a `fit`
+    epoch, then 2n steps), then the variants take one micro-step each in a
+    random order, for STEPS steps a round: a drift of the machine's speed
+    reaches every variant alike. A first round settles the process and is
+    not counted. A round's figure is a variant's median step time; its
+    ratios to plain and to the floor are taken within the round.
+    """
     keras = _keras()
-    found = variants(keras)
-    rounds, steps, b = (3, 64, 32) if args.quick else (7, 256, 32)
+    tf = _tf()
+    found, loops = variants(keras), loop_variants(keras)
+    b = 32
+    rounds = 3 if args.quick else args.rounds
     results = []
-    for model_name in MODELS:
+    for model_name in args.models.split(","):
+        steps = STEPS[model_name] // (4 if args.quick else 1)
+        x, y = data(model_name, 64 * b)
+        batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(b).cache().repeat()
         for n in NS:
-            samples = b * steps  # the same micro-steps per timed epoch for every n
-            x, y = data(model_name, samples)
-            built = {}
-            for name, make in found.items():
-                if name == "floor" and n > 1:
-                    continue  # the floor does not depend on n; timed at n = 1 and reused
-                model = make(MODELS[model_name](keras), n)
-                model.fit(x, y, batch_size=b, epochs=1, shuffle=False, verbose=0)  # trace, warm up
-                built[name] = model
-            times = {name: [] for name in built}
-            for _ in range(rounds):
-                for name, model in built.items():  # interleaved, round after round
-                    start = time.perf_counter()
-                    model.fit(x, y, batch_size=b, epochs=1, shuffle=False, verbose=0)
-                    times[name].append(time.perf_counter() - start)
-            for name, measured in times.items():
-                best = min(measured)
-                results.append({"model": model_name, "n": n, "b": b, "variant": name,
-                                "samples_per_s": samples / best, "best_s": best,
-                                "spread": (max(measured) - best) / best, "rounds": rounds})
+            runs = {}
+            for name, make in list(found.items()) + list(loops.items()):
+                made = make(MODELS[model_name](keras), n)
+                if name in loops:
+                    for xb, yb in batches.take(n):  # trace
+                        made(xb, yb)
+                else:
+                    made.fit(x, y, batch_size=b, epochs=1, shuffle=False, verbose=0)  # build, trace
+                runs[name] = step_runner(keras, name, made, batches)
+                for _ in range(2 * n):  # warm up: caches, allocator, slots
+                    runs[name]()
+            names = list(runs)
+            shuffle = np.random.RandomState(0)
+            medians = {name: [] for name in runs}
+            for round_ in range(rounds + 1):  # (the first settles the process, and is not counted)
+                times = {name: [] for name in runs}
+                gc.collect()
+                gc.disable()
+                try:
+                    for step in range(steps):
+                        # A new order every step: each variant follows every
+                        # other (whose memory traffic leaves the caches as it
+                        # does), not always the same one.
+                        for name in shuffle.permutation(names):
+                            start = time.perf_counter()
+                            runs[name]()
+                            times[name].append(time.perf_counter() - start)
+                finally:
+                    gc.enable()
+                for name, measured in times.items():
+                    if round_:
+                        medians[name].append(float(np.median(measured)))
+            for name, measured in medians.items():
+                row = {"model": model_name, "n": n, "b": b, "variant": name, "rounds": rounds,
+                       "steps_per_round": steps, "round_medians_s": measured,
+                       "samples_per_s": b / float(np.median(measured)),
+                       "spread": (max(measured) - min(measured)) / min(measured)}
+                for against, key in (("plain", "vs_plain"), ("floor", "vs_floor")):
+                    # Within each round: the other's time over this one's.
+                    ratios = [o / t for o, t in zip(medians[against], measured)]
+                    row[key] = float(np.median(ratios))
+                    row[key + "_spread"] = (max(ratios) - min(ratios)) / min(ratios)
+                results.append(row)
             print("throughput", model_name, "n={}".format(n),
-                  {k: round(samples / min(v)) for k, v in times.items()}, flush=True)
-    # Ratios to plain (and to the floor, timed at n = 1) at the same micro-batch.
-    for row in results:
-        same = [r for r in results if r["model"] == row["model"] and r["n"] == row["n"]]
-        plain = next(r for r in same if r["variant"] == "plain")
-        floor = next((r for r in results if r["model"] == row["model"] and r["variant"] == "floor"), None)
-        row["vs_plain"] = row["samples_per_s"] / plain["samples_per_s"]
-        if floor is not None:
-            row["vs_floor"] = row["samples_per_s"] / floor["samples_per_s"]
+                  {k: "{:.0f} ({:.1%})".format(b / np.median(v), (max(v) - min(v)) / min(v))
+                   for k, v in medians.items()}, flush=True)
     return results
 
 
 # ---------------------------------------------------------------- memory
 
-# Activations dominate (96x96 images through 64-128 channels: over 100 MiB at
-# b=8), and the parameters (about 35 MiB, mostly the dense head) are enough to
-# show their one extra float32 copy in a process's peak RSS.
-MEMORY_MODEL = {"size": 96, "width": 64, "head": 2048}
+# Parameters that dominate, activations that do not: 41 MiB of float32
+# weights, and at b = 16 activations of a few hundred KiB. One copy of the
+# parameters is then plain to see in a process's peak memory.
+MEMORY_MODEL = {"inputs": 1024, "width": 2048, "depth": 3}
+
+
+# glibc's malloc is told to map every buffer over 128 KiB on its own, and to
+# unmap it when freed, so that RSS follows the bytes alive. With its default
+# (a threshold that grows with the buffers freed), freed tensors stay in its
+# heap and the peak also records how the heap fragmented.
+MEMORY_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+
+
+def memory_mlp(keras):
+    inputs = keras.Input((MEMORY_MODEL["inputs"],))
+    hidden = inputs
+    for _ in range(MEMORY_MODEL["depth"]):
+        hidden = keras.layers.Dense(MEMORY_MODEL["width"], activation="relu")(hidden)
+    return keras.Model(inputs, keras.layers.Dense(10)(hidden), name="memory_mlp")
+
+
+def _rss(field):
+    """This process's VmRSS or VmHWM (its peak), in bytes, from /proc."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no {} in /proc/self/status".format(field))
 
 
 def memory_child(variant, b, n, samples):
-    """Peak RSS (bytes) of training `variant` on `samples` samples, in this fresh process."""
+    """The peak memory of training `variant`, net of everything that existed before, in this fresh process.
+
+    The data, the model and its compiled state are made first, in float32;
+    then the peak RSS is reset (Linux's clear_refs) and the resident size
+    read, so that the figure is what training itself adds: gradients,
+    optimizer slots, accumulators and temporaries.
+    """
+    threads()
     keras = _keras()
-    model = cnn(keras, **MEMORY_MODEL)
-    params = int(sum(np.prod(v.shape) for v in model.trainable_variables))
-    make = variants(keras)[variant]
-    trained = make(model, n)
-    x = np.random.RandomState(0).normal(size=(samples,) + (MEMORY_MODEL["size"],) * 2 + (3,))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((samples, MEMORY_MODEL["inputs"]), dtype=np.float32)
     y = np.zeros(len(x), "int64")
-    trained.fit(x.astype("float32"), y, batch_size=b, epochs=1, verbose=0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    window = getattr(trained, "_accum_window", None)
+    model = memory_mlp(keras)
+    params = int(sum(np.prod(v.shape) for v in model.trainable_variables))
+    trained = variants(keras)[variant](model, n)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # resets VmHWM to the current RSS
+    before = _rss("VmRSS")
+    trained.fit(x, y, batch_size=b, epochs=1, shuffle=False, verbose=0)
+    peak = _rss("VmHWM")
+    window = getattr(trained, "_accum_window", None) or getattr(trained.optimizer, "_accum_window", None)
     state = sum(int(np.prod(v.shape)) * _tf().as_dtype(v.dtype).size
                 for v in (window.all_variables() if window is not None else []))
-    print(json.dumps({"peak_rss": peak, "param_bytes": params * 4, "accumulator_bytes": state}))
+    print(json.dumps({"training_peak": peak - before, "before": before, "param_bytes": params * 4,
+                      "accumulator_bytes": state}))
 
 
 def memory(args):
-    b, n = (8, 4) if args.quick else (16, 8)
-    runs = [("plain", b, 1), ("plain", n * b, 1), ("gradaccum", b, n)]
-    repeats = 2 if args.quick else 3
+    keras = _keras()
+    b, n = 16, 8
+    accumulating = [name for name in variants(keras) if name not in ("plain", "floor")]
+    runs = [("plain", b, 1), ("plain", n * b, 1)] + [(name, b, n) for name in accumulating]
+    repeats = 3 if args.quick else 5
     results = []
     for variant, batch, steps in runs:
         peaks = []
         for _ in range(repeats):
             out = subprocess.run(
                 [sys.executable, os.path.abspath(__file__), "--memory-child", variant, str(batch), str(steps),
-                 str(2 * n * b)],  # the same samples for every row: 2 updates of n*b
-                stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout
+                 str(4 * n * b)],  # the same samples for every row: 4 updates of n*b
+                stdout=subprocess.PIPE, universal_newlines=True, check=True, env=MEMORY_ENV).stdout
             measured = json.loads(out.strip().splitlines()[-1])
-            peaks.append(measured["peak_rss"])
-        results.append({"variant": variant, "b": batch, "n": steps, "peak_rss": min(peaks),
-                        "peak_rss_runs": peaks, "param_bytes": measured["param_bytes"],
+            peaks.append(measured["training_peak"])
+        results.append({"variant": variant, "b": batch, "n": steps, "training_peak": float(np.median(peaks)),
+                        "training_peak_runs": peaks, "param_bytes": measured["param_bytes"],
                         "accumulator_bytes": measured["accumulator_bytes"]})
-        print("memory", results[-1], flush=True)
-    plain_b = results[0]["peak_rss"]
+        print("memory", variant, batch, steps, ["{:.1f}".format(p / 2 ** 20) for p in peaks], flush=True)
+    plain_b = results[0]["training_peak"]
     for row in results:
-        row["over_plain_b"] = row["peak_rss"] - plain_b
+        row["over_plain_b"] = row["training_peak"] - plain_b
         row["over_plain_b_in_params"] = row["over_plain_b"] / float(row["param_bytes"])
     return results
 
@@ -308,32 +461,112 @@ def environment():
             "date": time.strftime("%Y-%m-%d")}
 
 
-def summary(runs):
-    """One row per model and n: every throughput ratio, each measured within its own environment."""
-    columns = []  # (header, label, variant, against)
+# (ours, theirs): gradaccum against each alternative, the same way of training on both sides.
+RIVALS = [("gradaccum", "gradient-accumulator"), ("gradaccum", "keras3-option"),
+          ("gradaccum-optimizer", "gradient-accumulator-optimizer"), ("gradaccum-optimizer", "keras3-option"),
+          ("loop: gradaccum-optimizer", "loop: gradient-accumulator-optimizer"),
+          ("loop: gradaccum-optimizer", "loop: keras3-option")]
+FLOOR_TARGET = {"mlp": 0.90, "cnn": 0.97}
+SPREAD_TARGET = 0.05
+MEMORY_TARGET = 1.1
+TIE = 0.02  # the resolution the benchmark is built for
+
+
+def _paired(ours, theirs):
+    """ours' speed over theirs: the median over rounds of their step time over ours, in the same round."""
+    return float(np.median([t / o for o, t in zip(ours["round_medians_s"], theirs["round_medians_s"])]))
+
+
+def _verdict(met):
+    return "**met**" if met else "**missed**"
+
+
+def targets(runs):
+    """Each target of the benchmark, stated as met or missed with its figures."""
+    lines = ["## Targets", ""]
     for run in runs:
-        names = {row["variant"] for row in run.get("throughput", [])}
+        rows = run.get("throughput", [])
+        if not rows:
+            continue
         label = run["label"]
-        columns.append(("gradaccum / plain ({})".format(label), label, "gradaccum", "vs_plain"))
-        if "floor" in names:
-            columns.append(("gradaccum / floor ({})".format(label), label, "gradaccum", "vs_floor"))
-        for other in sorted(names - {"plain", "gradaccum", "floor"}):
-            columns.append(("{} / plain ({})".format(other, label), label, other, "vs_plain"))
-    if not columns:
-        return []
-    lines = ["## Summary: throughput ratios at the same micro-batch", "",
-             "| model | n | " + " | ".join(c[0] for c in columns) + " |",
-             "|---|---|" + "---|" * len(columns)]
-    by_label = {run["label"]: run for run in runs}
-    for model in MODELS:
-        for n in NS:
-            cells = []
-            for _, label, variant, against in columns:
-                row = next((r for r in by_label[label].get("throughput", [])
-                            if r["model"] == model and r["n"] == n and r["variant"] == variant), None)
-                cells.append("{:.3f}".format(row[against]) if row and against in row else "-")
-            lines.append("| {} | {} | {} |".format(model, n, " | ".join(cells)))
+        find = {(r["model"], r["n"], r["variant"]): r for r in rows}
+        worst = max(rows, key=lambda r: r["spread"])
+        over = [r for r in rows if r["spread"] > SPREAD_TARGET]
+        lines.append("- {}: spread of every variant at most {:.0%}: {} ({} of {} over; the largest {:.1%}, "
+                     "{} at {} n={}; median {:.1%}).".format(
+                         label, SPREAD_TARGET, _verdict(not over), len(over), len(rows), worst["spread"],
+                         worst["variant"], worst["model"], worst["n"],
+                         float(np.median([r["spread"] for r in rows]))))
+        ratio_spreads = [r["vs_plain_spread"] for r in rows if r["variant"] != "plain"]
+        lines.append("- {}: spread of the ratios to plain, round by round (what each comparison rests on): "
+                     "largest {:.1%}, median {:.1%}.".format(
+                         label, max(ratio_spreads), float(np.median(ratio_spreads))))
+        models = [m for m in MODELS if any(r["model"] == m for r in rows)]
+        # At n = 1 the optimizer-wrapper variant is compiled with the plain
+        # optimizer: the same training as plain, built second.
+        same = [find[(m, 1, "gradaccum-optimizer")]["vs_plain"] for m in models]
+        lines.append("- {}: control, two identical trainings (plain, and the wrapper variant at n = 1, which is "
+                     "plain Keras): {} (the method's systematic resolution).".format(
+                         label, ", ".join("{} {:.3f}".format(m, v) for m, v in zip(models, same))))
+        n1 = [find[(m, 1, "gradaccum")]["vs_plain"] for m in models]
+        lines.append("- {}: n = 1 indistinguishable from plain (within {:.0%}): {} (gradaccum / plain: {}).".format(
+            label, TIE, _verdict(all(abs(v - 1) <= TIE for v in n1)),
+            ", ".join("{} {:.3f}".format(m, v) for m, v in zip(models, n1))))
+        for model in models:
+            target = FLOOR_TARGET[model]
+            ratios = [find[(model, n, "gradaccum")]["vs_floor"] for n in NS if n > 1]
+            lines.append("- {}: gradaccum at least {:.2f} of the floor on the {} (n = 2, 4, 8): {} ({}).".format(
+                label, target, model, _verdict(min(ratios) >= target), ", ".join("{:.3f}".format(v) for v in ratios)))
+        for ours, theirs in RIVALS:
+            ratios = [(model, n, _paired(find[(model, n, ours)], find[(model, n, theirs)]))
+                      for model in models for n in NS if n > 1 and (model, n, theirs) in find]
+            if not ratios:
+                continue
+            low = min(v for _, _, v in ratios)
+            verdict = _verdict(low >= 1.0) if low >= 1.0 or low < 1 - TIE else "**tie** (within {:.0%})".format(TIE)
+            lines.append("- {}: {} at least as fast as {}: {} (ours / theirs, n = 2, 4, 8: {}).".format(
+                label, ours, theirs, verdict,
+                "; ".join("{} {}".format(model, ", ".join("{:.3f}".format(v) for m, _, v in ratios if m == model))
+                          for model in models)))
+    for run in runs:
+        memory = run.get("memory", [])
+        if memory:
+            for row in memory:
+                if row["n"] > 1 and row["variant"].startswith("gradaccum"):
+                    lines.append("- {}: {} adds at most {}x the parameter bytes over plain at b: {} ({:.2f}x).".format(
+                        run["label"], row["variant"], MEMORY_TARGET,
+                        _verdict(row["over_plain_b_in_params"] <= MEMORY_TARGET), row["over_plain_b_in_params"]))
+            others = ["{} {:.2f}x".format(row["variant"], row["over_plain_b_in_params"]) for row in memory
+                      if row["n"] > 1 and not row["variant"].startswith("gradaccum")]
+            if others:
+                lines.append("- {}: for comparison, the alternatives add {}.".format(run["label"], ", ".join(others)))
     return lines + [""]
+
+
+def summary(runs):
+    """One table per environment: gradaccum's ratios, and ours over theirs, each within its own rounds."""
+    lines = []
+    for run in runs:
+        rows = run.get("throughput", [])
+        if not rows:
+            continue
+        find = {(r["model"], r["n"], r["variant"]): r for r in rows}
+        rivals = [(ours, theirs) for ours, theirs in RIVALS if any(r["variant"] == theirs for r in rows)]
+        lines += ["## Summary: {}".format(run["label"]), "",
+                  "| model | n | gradaccum / plain | gradaccum / floor | " + " | ".join(
+                      "{} / {}".format(ours, theirs) for ours, theirs in rivals) + " |",
+                  "|---|---|---|---|" + "---|" * len(rivals)]
+        for model in MODELS:
+            for n in NS:
+                if (model, n, "gradaccum") not in find:
+                    continue
+                ours = find[(model, n, "gradaccum")]
+                cells = ["{:.3f}".format(ours["vs_plain"]), "{:.3f}".format(ours["vs_floor"])]
+                cells += ["{:.3f}".format(_paired(find[(model, n, a)], find[(model, n, b)])) if n > 1 else "-"
+                          for a, b in rivals]
+                lines.append("| {} | {} | {} |".format(model, n, " | ".join(cells)))
+        lines.append("")
+    return lines
 
 
 def merge(out):
@@ -348,37 +581,43 @@ def merge(out):
                   "{date}; Python {python}, TensorFlow {tensorflow}, {keras}; {machine}; GPU: {gpus}.".format(
                       gpus=", ".join(env["gpu"]) or "none", **env), ""]
         if run.get("throughput"):
-            lines += ["Throughput, samples/s (best of {} interleaved rounds; spread = (worst - best) / best); "
-                      "ratios to plain training at the same micro-batch b={} and to the floor (gradients "
-                      "only, never applied).".format(run["throughput"][0]["rounds"], run["throughput"][0]["b"]), "",
-                      "| model | n | variant | samples/s | spread | vs plain | vs floor |",
+            first = run["throughput"][0]
+            lines += ["Throughput, samples/s at micro-batch b={}: every variant of a model and n takes one "
+                      "micro-step in turn, in a new random order each step, {} steps a round, {} rounds, after a trace and a "
+                      "warm-up. A round's figure is the variant's median step time; samples/s is from the median "
+                      "round; spread = (slowest - fastest) / fastest round. Ratios (speed over plain training, and "
+                      "over the floor: gradients only, never applied) are taken within each round; the median "
+                      "round's, with their spread. `loop:` rows are custom training loops (a tf.function step per "
+                      "micro-batch).".format(first["b"], first["steps_per_round"], first["rounds"]), "",
+                      "| model | n | variant | samples/s | spread | vs plain (spread) | vs floor (spread) |",
                       "|---|---|---|---|---|---|---|"]
             for row in run["throughput"]:
-                lines.append("| {model} | {n} | {variant} | {samples_per_s:.0f} | {spread:.1%} | {vs_plain:.3f} | {floor} |"
-                             .format(floor="{:.3f}".format(row["vs_floor"]) if "vs_floor" in row else "-", **row))
+                lines.append("| {model} | {n} | {variant} | {samples_per_s:.0f} | {spread:.1%} | {vs_plain:.3f} "
+                             "({vs_plain_spread:.1%}) | {vs_floor:.3f} ({vs_floor_spread:.1%}) |".format(**row))
             lines.append("")
         if run.get("memory"):
-            lines += ["Peak RSS, one process per run, the lowest of the runs (CNN on 96x96 images: "
-                      "activations dominate); and the bytes of the variables gradaccum adds, counted.", "",
-                      "| variant | b | n | peak RSS (MiB), runs | over plain at b (MiB) | in parameter bytes "
+            lines += ["Training's own peak memory: peak RSS during `fit` less the RSS just before it (data, model "
+                      "and compiled state made), the median of {} fresh processes per row; an MLP of {:.1f} MiB "
+                      "of float32 parameters whose activations are small.".format(
+                          len(run["memory"][0]["training_peak_runs"]), run["memory"][0]["param_bytes"] / 2 ** 20), "",
+                      "| variant | b | n | training peak (MiB), runs | over plain at b (MiB) | in parameter bytes "
                       "| accumulator variables |",
                       "|---|---|---|---|---|---|---|"]
             for row in run["memory"]:
-                lines.append("| {variant} | {b} | {n} | {mib:.0f} ({runs}) | {over:.1f} | {over_plain_b_in_params:.2f}x "
+                lines.append("| {variant} | {b} | {n} | {mib:.1f} ({runs}) | {over:+.1f} | {over_plain_b_in_params:.2f}x "
                              "| {state} |".format(
-                                 mib=row["peak_rss"] / 2 ** 20, over=row["over_plain_b"] / 2 ** 20,
-                                 runs=", ".join("{:.0f}".format(p / 2 ** 20) for p in row["peak_rss_runs"]),
+                                 mib=row["training_peak"] / 2 ** 20, over=row["over_plain_b"] / 2 ** 20,
+                                 runs=", ".join("{:.1f}".format(p / 2 ** 20) for p in row["training_peak_runs"]),
                                  state="{:.2f} MiB = {:.3f}x".format(
                                      row["accumulator_bytes"] / 2 ** 20,
                                      row["accumulator_bytes"] / float(row["param_bytes"]))
                                  if row["accumulator_bytes"] else "-", **row))
-            lines += ["", "Trainable parameters: {:.2f} MiB (float32).".format(
-                run["memory"][0]["param_bytes"] / 2 ** 20), ""]
+            lines.append("")
         if run.get("convergence"):
             conv = run["convergence"]
             lines += ["Convergence: max |w_acc - w_big| = {:.3g} ({:.3g} of the weight change); plot: {}.".format(
                 conv["max_weight_diff"], conv["of_change"], conv["png"]), ""]
-    lines += summary(runs)
+    lines += summary(runs) + targets(runs)
     with open(os.path.join(out, "results.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -389,6 +628,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a few minutes on a 2-core CPU")
     parser.add_argument("--out", default=os.path.join(ROOT, "tools", "benchmark"))
     parser.add_argument("--label", default="run")
+    parser.add_argument("--models", default=",".join(MODELS), help="throughput of these models only")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per variant")
     parser.add_argument("--parts", default="throughput,memory,convergence")
     parser.add_argument("--merge", metavar="DIR", help="write DIR/results.md from DIR/benchmark-*.json")
     parser.add_argument("--memory-child", nargs=4, metavar=("VARIANT", "B", "N", "SAMPLES"), help=argparse.SUPPRESS)
@@ -399,6 +640,7 @@ def main():
     if args.merge:
         return merge(args.merge)
     os.makedirs(args.out, exist_ok=True)
+    threads()
     parts = set(args.parts.split(","))
     unknown = parts - {"throughput", "memory", "convergence"}
     if unknown:
