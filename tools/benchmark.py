@@ -596,6 +596,9 @@ def merge(out):
                              "({vs_plain_spread:.1%}) | {vs_floor:.3f} ({vs_floor_spread:.1%}) |".format(**row))
             lines.append("")
         if run.get("memory"):
+            if run.get("memory_environment"):  # (a later memory run, spliced into this one)
+                lines += ["Memory measured again in a run of its own ({date}, TensorFlow {tensorflow}), on the "
+                          "code after the throughput run.".format(**run["memory_environment"]), ""]
             lines += ["Training's own peak memory: peak RSS during `fit` less the RSS just before it (data, model "
                       "and compiled state made), the median of {} fresh processes per row; an MLP of {:.1f} MiB "
                       "of float32 parameters whose activations are small.".format(
