@@ -116,42 +116,60 @@ def floor_model(keras, model):
     return Floor(model)
 
 
+def sgd(keras, **kwargs):
+    """The optimizer every variant trains with: SGD with momentum."""
+    return keras.optimizers.SGD(0.01, momentum=0.9, **kwargs)
+
+
+def optimizers(keras):
+    """name -> (make(n) -> optimizer): the optimizers that accumulate, where this environment has them.
+
+    `fit` variants use plain SGD at n = 1 for all of them (so the wrapper at
+    n = 1 is plain training: the benchmark's control); custom loops keep
+    gradaccum's wrapper at n = 1.
+    """
+    from gradaccum import AccumOptimizer, _compat
+
+    found = {"gradaccum-optimizer": lambda n: AccumOptimizer(sgd(keras), n)}
+    if _compat.keras_major(keras) >= 3:
+        found["keras3-option"] = lambda n: sgd(keras, gradient_accumulation_steps=n) if n > 1 else sgd(keras)
+    try:
+        from gradient_accumulator import GradientAccumulateOptimizer
+    except ImportError:
+        pass
+    else:
+        # It needs an OptimizerV2 (it calls _create_slots): on Keras >= 2.11
+        # that is the legacy SGD, the same algorithm.
+        legacy_sgd = getattr(keras.optimizers, "legacy", keras.optimizers).SGD
+        found["gradient-accumulator-optimizer"] = lambda n: GradientAccumulateOptimizer(
+            optimizer=legacy_sgd(0.01, momentum=0.9), accum_steps=n) if n > 1 else sgd(keras)
+    return found
+
+
 def variants(keras):
     """name -> (make(model, n) -> compiled model). What this environment can run."""
-    from gradaccum import AccumOptimizer, _compat, accumulate
-
-    def optimizer(**kwargs):
-        return keras.optimizers.SGD(0.01, momentum=0.9, **kwargs)
+    from gradaccum import accumulate
 
     def compiled(model, opt):
         model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         return model
 
     found = {
-        "plain": lambda model, n: compiled(model, optimizer()),
-        "gradaccum": lambda model, n: compiled(accumulate(model, n), optimizer()),
-        # The optimizer wrapper, as custom loops and models with their own
-        # train_step use it (here through Keras' train_step).
-        "gradaccum-optimizer": lambda model, n: compiled(
-            model, AccumOptimizer(optimizer(), n) if n > 1 else optimizer()),
-        "floor": lambda model, n: compiled(floor_model(keras, model), optimizer()),
+        "plain": lambda model, n: compiled(model, sgd(keras)),
+        "gradaccum": lambda model, n: compiled(accumulate(model, n), sgd(keras)),
+        "floor": lambda model, n: compiled(floor_model(keras, model), sgd(keras)),
     }
-    if _compat.keras_major(keras) >= 3:
-        found["keras3-option"] = lambda model, n: compiled(
-            model, optimizer(gradient_accumulation_steps=n) if n > 1 else optimizer())
+    # The optimizer wrappers, as custom loops and models with their own
+    # train_step use them (here through Keras' train_step).
+    for name, make in optimizers(keras).items():
+        found[name] = lambda model, n, make=make: compiled(model, make(n) if n > 1 else sgd(keras))
     try:
-        from gradient_accumulator import GradientAccumulateModel, GradientAccumulateOptimizer
+        from gradient_accumulator import GradientAccumulateModel
     except ImportError:
         pass
     else:
         found["gradient-accumulator"] = lambda model, n: compiled(
-            GradientAccumulateModel(accum_steps=n, inputs=model.input, outputs=model.output), optimizer())
-        # Its optimizer wrapper needs an OptimizerV2 (it calls _create_slots):
-        # on Keras >= 2.11 that is the legacy SGD, the same algorithm.
-        legacy_sgd = getattr(keras.optimizers, "legacy", keras.optimizers).SGD
-        found["gradient-accumulator-optimizer"] = lambda model, n: compiled(
-            model, GradientAccumulateOptimizer(optimizer=legacy_sgd(0.01, momentum=0.9), accum_steps=n)
-            if n > 1 else optimizer())
+            GradientAccumulateModel(accum_steps=n, inputs=model.input, outputs=model.output), sgd(keras))
     return found
 
 
@@ -163,9 +181,9 @@ def loop_variants(keras):
     does; gradaccum's wrapper is also told the micro-batch's size.
     """
     tf = _tf()
-    from gradaccum import AccumOptimizer, _compat
+    from gradaccum import AccumOptimizer
 
-    def step_for(model, opt, batch_size=False):
+    def step_for(model, opt):
         @tf.function
         def step(x, y):
             with tf.GradientTape() as tape:
@@ -173,31 +191,15 @@ def loop_variants(keras):
                     y, model(x, training=True), from_logits=True))
             grads = tape.gradient(loss, model.trainable_variables)
             pairs = zip(grads, model.trainable_variables)
-            if batch_size:
+            if isinstance(opt, AccumOptimizer):
                 opt.apply_gradients(pairs, batch_size=tf.shape(x)[0])
             else:
                 opt.apply_gradients(pairs)
         return step
 
-    def sgd(**kwargs):
-        return keras.optimizers.SGD(0.01, momentum=0.9, **kwargs)
-
-    found = {
-        "loop: plain": lambda model, n: step_for(model, sgd()),
-        "loop: gradaccum-optimizer": lambda model, n: step_for(model, AccumOptimizer(sgd(), n), True),
-    }
-    if _compat.keras_major(keras) >= 3:
-        found["loop: keras3-option"] = lambda model, n: step_for(
-            model, sgd(gradient_accumulation_steps=n) if n > 1 else sgd())
-    try:
-        from gradient_accumulator import GradientAccumulateOptimizer
-    except ImportError:
-        pass
-    else:
-        legacy_sgd = getattr(keras.optimizers, "legacy", keras.optimizers).SGD
-        found["loop: gradient-accumulator-optimizer"] = lambda model, n: step_for(
-            model, GradientAccumulateOptimizer(optimizer=legacy_sgd(0.01, momentum=0.9), accum_steps=n)
-            if n > 1 else sgd())
+    found = {"loop: plain": lambda model, n: step_for(model, sgd(keras))}
+    for name, make in optimizers(keras).items():
+        found["loop: " + name] = lambda model, n, make=make: step_for(model, make(n))
     return found
 
 
