@@ -219,7 +219,7 @@ def threads():
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
-def step_runner(keras, name, made, batches):
+def step_runner(name, made, batches):
     """A callable that runs one training step of `made`, on the next micro-batch of `batches`.
 
     A compiled model is stepped through its own train function (the one
@@ -231,6 +231,11 @@ def step_runner(keras, name, made, batches):
         return lambda: made(*next(iterator))
     train_function = made.make_train_function()
     return lambda: train_function(iterator)
+
+
+def spread(values):
+    """(largest - smallest) / smallest."""
+    return (max(values) - min(values)) / min(values)
 
 
 # Micro-steps per variant and round: about 0.6 s on one core of a 2-core CPU.
@@ -266,7 +271,7 @@ def throughput(args):
                         made(xb, yb)
                 else:
                     made.fit(x, y, batch_size=b, epochs=1, shuffle=False, verbose=0)  # build, trace
-                runs[name] = step_runner(keras, name, made, batches)
+                runs[name] = step_runner(name, made, batches)
                 for _ in range(2 * n):  # warm up: caches, allocator, slots
                     runs[name]()
             names = list(runs)
@@ -294,22 +299,22 @@ def throughput(args):
                 row = {"model": model_name, "n": n, "b": b, "variant": name, "rounds": rounds,
                        "steps_per_round": steps, "round_medians_s": measured,
                        "samples_per_s": b / float(np.median(measured)),
-                       "spread": (max(measured) - min(measured)) / min(measured)}
+                       "spread": spread(measured)}
                 for against, key in (("plain", "vs_plain"), ("floor", "vs_floor")):
                     # Within each round: the other's time over this one's.
                     ratios = [o / t for o, t in zip(medians[against], measured)]
                     row[key] = float(np.median(ratios))
-                    row[key + "_spread"] = (max(ratios) - min(ratios)) / min(ratios)
+                    row[key + "_spread"] = spread(ratios)
                 results.append(row)
             print("throughput", model_name, "n={}".format(n),
-                  {k: "{:.0f} ({:.1%})".format(b / np.median(v), (max(v) - min(v)) / min(v))
+                  {k: "{:.0f} ({:.1%})".format(b / np.median(v), spread(v))
                    for k, v in medians.items()}, flush=True)
     return results
 
 
 # ---------------------------------------------------------------- memory
 
-# Parameters that dominate, activations that do not: 41 MiB of float32
+# Parameters that dominate, activations that do not: 40 MiB of float32
 # weights, and at b = 16 activations of a few hundred KiB. One copy of the
 # parameters is then plain to see in a process's peak memory.
 MEMORY_MODEL = {"inputs": 1024, "width": 2048, "depth": 3}
