@@ -24,13 +24,12 @@ to. The stand-ins are checked: a trace that did not call a stood-in method
 raises, rather than training every micro-batch.
 """
 
-import contextlib
 import os
-import threading
 
 import tensorflow as tf
 
 from . import _compat, _model, _optimizer
+from ._standins import method as _method, standing_in
 from ._window import CARRY, multiplied
 
 keras = _compat.keras3_module()
@@ -109,7 +108,7 @@ class _Keras3Training(_model.Accumulating):
                 lambda mean: apply_gradients(rescale(mean)))
 
         stand_ins["apply_gradients"] = accumulate_gradients
-        with _STAND_INS.standing_in(optimizer, stand_ins):
+        with standing_in(optimizer, stand_ins):
             logs = super(_Keras3Training, self).train_step(data)
         missing = [name for name in stand_ins if name not in called]
         if missing:
@@ -121,62 +120,6 @@ class _Keras3Training(_model.Accumulating):
                 "stands in for to accumulate. Please report this with your Keras "
                 "version.".format(keras.__version__, " or optimizer.".join(missing)))
         return self._with_update_count(logs)
-
-
-def _method(obj, name):
-    """`obj.name` as its class defines it, whatever stands in for it now."""
-    return getattr(type(obj), name).__get__(obj)
-
-
-class _StandIns(object):
-    """Stands in for an optimizer's methods during a trace of the training step.
-
-    Instance attributes shadow the methods; the traced function keeps what
-    it called. Under a `tf.distribute` strategy each replica traces the step
-    in its own thread, at the same time, so each attribute dispatches to the
-    calling thread's stand-in (to the method itself in threads without one),
-    and is removed when the last thread is done.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._local = threading.local()
-        self._tracing = {}  # id(optimizer) -> threads tracing with stand-ins
-
-    @contextlib.contextmanager
-    def standing_in(self, optimizer, stand_ins):
-        key = id(optimizer)
-        mine = self._local.__dict__.setdefault("stand_ins", {})
-        mine[key] = stand_ins
-        with self._lock:
-            if not self._tracing.get(key):
-                for name in _STOOD_IN:
-                    setattr(optimizer, name, self._dispatcher(optimizer, name))
-            self._tracing[key] = self._tracing.get(key, 0) + 1
-        try:
-            yield
-        finally:
-            del mine[key]
-            with self._lock:
-                self._tracing[key] -= 1
-                if not self._tracing[key]:
-                    del self._tracing[key]
-                    for name in _STOOD_IN:
-                        delattr(optimizer, name)
-
-    def _dispatcher(self, optimizer, name):
-        method = _method(optimizer, name)
-        key = id(optimizer)
-
-        def dispatch(*args, **kwargs):
-            stand_in = self._local.__dict__.get("stand_ins", {}).get(key, {}).get(name)
-            return (stand_in or method)(*args, **kwargs)
-
-        return dispatch
-
-
-_STOOD_IN = ("apply_gradients", "scale_loss")
-_STAND_INS = _StandIns()
 
 
 class _WindowCallback(_model.WindowCallback, keras.callbacks.Callback):
