@@ -369,3 +369,77 @@ def keras2_loads_assets():
     member of the same zip file, and the read then ends early (EOFError).
     """
     return sys.version_info < (3, 12)
+
+
+# BatchNormalization (see `_batchnorm`): what Keras keeps privately about a
+# layer's training and its moving variance.
+
+def sublayers(model):
+    """Every layer inside `model`, nested models' layers included, each once (not `model`)."""
+    flatten = getattr(model, "_flatten_layers", None)
+    if flatten is not None:
+        return list(flatten(include_self=False, recursive=True))
+    found, seen = [], set()  # (Keras without _flatten_layers: walk the public lists)
+    stack = list(getattr(model, "layers", []))
+    while stack:
+        layer = stack.pop(0)
+        if id(layer) not in seen:
+            seen.add(id(layer))
+            found.append(layer)
+            stack.extend(getattr(layer, "layers", []))
+    return found
+
+
+def batchnorm_base(keras):
+    """The class every BatchNormalization layer of this Keras derives from.
+
+    Keras 2's v1 and v2 BatchNormalization (and SyncBatchNormalization)
+    share `BatchNormalizationBase`; Keras 3 has one class.
+    """
+    classes = [cls for cls in keras.layers.BatchNormalization.__mro__
+               if "BatchNormalization" in cls.__name__]
+    return classes[-1]
+
+
+def batchnorm_trains(layer, training):
+    """Whether `layer` updates its moving statistics in a call given `training`.
+
+    Keras 2 decides in `_get_training_value` (a frozen layer runs in
+    inference mode under TF 2 behaviour, not under TF 1's); the result may
+    be a tensor (the learning phase). Keras 3: `training and layer.trainable`.
+    """
+    decide = getattr(layer, "_get_training_value", None)
+    if decide is not None:
+        return decide(training)
+    return bool(training) and layer.trainable
+
+
+def batchnorm_bessel(layer):
+    """Whether `layer` moves its moving variance with the unbiased (Bessel-corrected) variance.
+
+    Keras 2's fused kernel does (the op's batch variance is the unbiased
+    one, which Keras keeps unless `_bessels_correction_test_only` is off);
+    its non-fused path and Keras 3 use the biased variance.
+    """
+    return bool(getattr(layer, "fused", False)) and getattr(layer, "_bessels_correction_test_only", True)
+
+
+def batchnorm_refusal(layer):
+    """What about `layer` gradaccum does not pool, as "name=value", or None."""
+    if getattr(layer, "renorm", False):
+        return "renorm=True"
+    if getattr(layer, "virtual_batch_size", None) is not None:
+        return "virtual_batch_size={}".format(layer.virtual_batch_size)
+    if getattr(layer, "synchronized", False):
+        return "synchronized=True"
+    if "SyncBatchNormalization" in [cls.__name__ for cls in type(layer).__mro__]:
+        return "a SyncBatchNormalization"
+    return None
+
+
+def node_inputs(layer):
+    """The input tensor of each call of `layer` in a graph-mode Keras graph, in order."""
+    inputs = []
+    for index in range(len(layer._inbound_nodes)):
+        inputs.append(layer.get_input_at(index))
+    return inputs

@@ -7,9 +7,11 @@ hands over to that route's module.
 
 import abc
 import importlib
+import math
 import numbers
 
 from . import _compat
+from ._batchnorm import CHOICES as BATCHNORM_CHOICES, POOLED
 from ._window import APPLY, EPOCH_END_CHOICES, MEAN, REDUCTIONS
 
 # Runtime kind -> route module. Keras 2 models train in eager mode through
@@ -23,7 +25,7 @@ _ROUTES = {
 }
 
 
-def accumulate(model, n, epoch_end=APPLY, skip_nonfinite=False):
+def accumulate(model, n, epoch_end=APPLY, skip_nonfinite=False, batchnorm=POOLED, agc=None, agc_eps=1e-3):
     """Makes `model` train with gradient accumulation over `n` micro-batches.
 
     Training the returned model with batches of size `b` applies the optimizer
@@ -48,6 +50,15 @@ def accumulate(model, n, epoch_end=APPLY, skip_nonfinite=False):
             does not move) and counted in the logs as `skipped`. For float32
             training: under mixed precision the LossScaleOptimizer skips
             overflowing windows itself.
+        batchnorm: "pooled" (default): each BatchNormalization layer moves its
+            moving mean and variance once per window, with the statistics of
+            the window's micro-batches pooled (the big batch's, where the
+            layer's inputs are the big batch's). "micro": Keras' own update
+            on every micro-batch, with that micro-batch's statistics.
+        agc: Adaptive gradient clipping (NFNets): a clip factor (e.g. 0.01)
+            applied unit-wise to the window's mean gradient, once per update,
+            as it would be to the big batch's gradient. None (default): off.
+        agc_eps: AGC's floor on the weights' unit-wise norm (default 1e-3).
 
     Returns:
         A Keras model to compile (if `model` was not) and fit.
@@ -55,8 +66,11 @@ def accumulate(model, n, epoch_end=APPLY, skip_nonfinite=False):
     Raises:
         TypeError: `model` is no Keras model, `n` is no integer, or
             `skip_nonfinite` no bool.
-        ValueError: `n < 1`, or an unknown `epoch_end`.
-        NotImplementedError: a Keras 3 model on a backend other than TensorFlow.
+        ValueError: `n < 1`, an unknown `epoch_end` or `batchnorm`, or an
+            `agc` or `agc_eps` that is no positive number.
+        NotImplementedError: a Keras 3 model on a backend other than
+            TensorFlow, or (with batchnorm="pooled") a BatchNormalization
+            layer with renorm, virtual_batch_size or synchronized statistics.
 
     Example:
         >>> model = accumulate(model, 4)
@@ -66,9 +80,12 @@ def accumulate(model, n, epoch_end=APPLY, skip_nonfinite=False):
     n = check_n(n, "accumulate")
     check_epoch_end(epoch_end, "accumulate")
     check_flag(skip_nonfinite, "skip_nonfinite", "accumulate")
+    check_choice(batchnorm, "batchnorm", BATCHNORM_CHOICES, "accumulate")
+    agc, agc_eps = check_agc(agc, agc_eps, "accumulate")
     runtime = _compat.runtime_of(model)
     return importlib.import_module(_ROUTES[runtime.kind]).wrap(
-        model, n, epoch_end=epoch_end, skip_nonfinite=skip_nonfinite)
+        model, n, epoch_end=epoch_end, skip_nonfinite=skip_nonfinite, batchnorm=batchnorm, agc=agc,
+        agc_eps=agc_eps)
 
 
 # Optimizer kind -> the module whose `wrap` makes its AccumOptimizer.
@@ -103,6 +120,8 @@ class AccumOptimizer(metaclass=abc.ABCMeta):
             mean, the big batch's gradient. "sum": the weighted sum.
         skip_nonfinite: True skips a window whose gradients hold an inf or a
             nan, whole, and counts it in `opt.skipped` (see `accumulate`).
+        agc, agc_eps: Adaptive gradient clipping of the window's mean, once
+            per update (see `accumulate`).
         **kwargs: `name`; for `tf.compat.v1.train` optimizers also
             `micro_batch_size`.
 
@@ -138,6 +157,8 @@ class AccumOptimizer(metaclass=abc.ABCMeta):
                     type(optimizer).__name__, type(optimizer).__module__))
         reduction = check_reduction(kwargs.pop("reduction", MEAN), "AccumOptimizer")
         check_flag(kwargs.get("skip_nonfinite", False), "skip_nonfinite", "AccumOptimizer")
+        kwargs["agc"], kwargs["agc_eps"] = check_agc(
+            kwargs.get("agc"), kwargs.get("agc_eps", 1e-3), "AccumOptimizer")
         if kind != _compat.GRAPH:
             kwargs["reduction"] = reduction
         elif reduction != MEAN:
@@ -171,6 +192,28 @@ def check_flag(value, name, caller):
         raise TypeError("{}: {} must be True or False. Received: {}={!r} of type {}".format(
             caller, name, name, value, type(value).__name__))
     return value
+
+
+def check_choice(value, name, choices, caller):
+    """`value` if it is one of `choices`, or a clear error naming the argument."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError("{}: {} must be one of {}. Received: {}={!r}".format(
+            caller, name, choices, name, value))
+    return value
+
+
+def check_agc(agc, agc_eps, caller):
+    """(clip factor or None, eps) as floats, or a clear error: both must be positive numbers."""
+    for name, value, allow_none in (("agc", agc, True), ("agc_eps", agc_eps, False)):
+        if value is None and allow_none:
+            continue
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                or not math.isfinite(value) or value <= 0):
+            raise ValueError(
+                "{}: {} must be a positive number{}. Received: {}={!r}".format(
+                    caller, name, " (the clip factor, e.g. 0.01) or None" if allow_none else "",
+                    name, value))
+    return (None if agc is None else float(agc)), float(agc_eps)
 
 
 def check_epoch_end(epoch_end, caller):

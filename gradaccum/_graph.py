@@ -25,10 +25,11 @@ from ._window import Window
 _V1Optimizer = tf.compat.v1.train.Optimizer
 
 
-def wrap(optimizer, n, micro_batch_size=None, name="AccumOptimizer", skip_nonfinite=False):
+def wrap(optimizer, n, micro_batch_size=None, name="AccumOptimizer", skip_nonfinite=False, agc=None,
+         agc_eps=1e-3):
     """The AccumOptimizer of a `tf.compat.v1.train` optimizer (see `gradaccum.AccumOptimizer`)."""
     return AccumOptimizer(optimizer, n, micro_batch_size=micro_batch_size, name=name,
-                          skip_nonfinite=skip_nonfinite)
+                          skip_nonfinite=skip_nonfinite, agc=agc, agc_eps=agc_eps)
 
 
 class AccumOptimizer(_V1Optimizer):
@@ -55,6 +56,8 @@ class AccumOptimizer(_V1Optimizer):
         name: Name prefix of the ops this optimizer creates.
         skip_nonfinite: True skips a window whose gradients hold an inf or a
             nan, whole, and counts it in `skipped`.
+        agc, agc_eps: Adaptive gradient clipping of the window's mean (see
+            `gradaccum.accumulate`).
 
     Example:
         >>> opt = gradaccum.AccumOptimizer(tf.compat.v1.train.AdamOptimizer(1e-3), 4)
@@ -63,12 +66,14 @@ class AccumOptimizer(_V1Optimizer):
         ...     sess.run(train_op, {x: x_batch, y: y_batch})
     """
 
-    def __init__(self, optimizer, n, micro_batch_size=None, name="AccumOptimizer", skip_nonfinite=False):
+    def __init__(self, optimizer, n, micro_batch_size=None, name="AccumOptimizer", skip_nonfinite=False,
+                 agc=None, agc_eps=1e-3):
         # gradaccum.AccumOptimizer checked the arguments.
         super(AccumOptimizer, self).__init__(use_locking=False, name=name)
         self._optimizer = optimizer
         self._n = n
         self._skip_nonfinite = skip_nonfinite
+        self._agc = None if agc is None else (agc, agc_eps)
         self._micro_batch_size = micro_batch_size
         self._windows = []
 
@@ -135,7 +140,7 @@ class AccumOptimizer(_V1Optimizer):
             raise ValueError(
                 "AccumOptimizer: no gradients provided for any variable. Received: {}".format(
                     [var.name for _, var in grads_and_vars]))
-        window = Window(self._n, skip_nonfinite=self._skip_nonfinite)
+        window = Window(self._n, skip_nonfinite=self._skip_nonfinite, agc=self._agc)
         self._windows.append(window)
         if self._micro_batch_size is None:
             batch_size = tf.constant(1.0)
@@ -170,11 +175,14 @@ class AccumOptimizer(_V1Optimizer):
     _apply_sparse = _resource_apply_dense = _resource_apply_sparse = _apply_dense
 
 
-def keras_updates(optimizer, window, loss, params, batch_size):
+def keras_updates(optimizer, window, loss, params, batch_size, adds=()):
     """The accumulating training op for a Keras 2 model in graph mode.
 
     Stands in for `optimizer.get_updates(loss, params)`, which Keras calls
     once when it builds the training function.
+
+    `adds` are the model's other ops for the window (its BatchNormalization
+    statistics), run before the update.
 
     Returns:
         (train_update, flush): the op to run every micro-batch, and the op
@@ -204,7 +212,7 @@ def keras_updates(optimizer, window, loss, params, batch_size):
             "as 'adam') or a tf.compat.v1.train.Optimizer. Received: optimizer={!r}".format(optimizer))
     with tf.init_scope():
         optimizer.iterations  # created outside the update branch
-    train_update = window.accumulate(grads_and_vars, batch_size, apply_fn)
+    train_update = window.accumulate(grads_and_vars, batch_size, apply_fn, adds)
     return train_update, window.flush(apply_fn)
 
 

@@ -17,7 +17,7 @@ slots and learning-rate schedule move once per update.
 
 import tensorflow as tf
 
-from . import _compat, _graph, _model
+from . import _batchnorm, _compat, _graph, _model
 
 keras = _compat.keras2_module()
 
@@ -33,8 +33,8 @@ class _Keras2Training(_model.Accumulating):
     _keras = keras
     _accum_assets_load = _compat.keras2_loads_assets()
 
-    def _init_accumulation(self, n, epoch_end, skip_nonfinite):
-        super(_Keras2Training, self)._init_accumulation(n, epoch_end, skip_nonfinite)
+    def _init_accumulation(self, n, options):
+        super(_Keras2Training, self)._init_accumulation(n, options)
         self._accum_flush_op = None  # graph mode: applies a partial window
 
     def _accum_check_fit(self):
@@ -63,7 +63,8 @@ class _Keras2Training(_model.Accumulating):
             _model.refuse_skipping_with_loss_scaling(self)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
-            y_pred = self(x, training=True)
+            with self._accum_pooling():
+                y_pred = self(x, training=True)
             loss = self._accum_loss(x, y, y_pred, sample_weight)
             if scaling:
                 loss = window.scale_loss(loss, optimizer.get_scaled_loss)
@@ -85,17 +86,31 @@ class _Keras2Training(_model.Accumulating):
         _model.refuse_loss_scaling(self.optimizer, keras)
         optimizer = self.optimizer
 
+        own = set()  # BatchNormalization's own moving-average updates, left out
+
         def get_updates(loss, params):
+            adds = []
+            if self.batchnorm == _batchnorm.POOLED:
+                adds, found = _batchnorm.graph_statistics(self, keras, self._accum_window)
+                own.update(found)
             update, self._accum_flush_op = _graph.keras_updates(
-                optimizer, self._accum_window, loss, params, _model.batch_size(self.inputs))
+                optimizer, self._accum_window, loss, params, _model.batch_size(self.inputs), adds)
             return [update]
+
+        # Keras asks for the model's updates after the optimizer's.
+        get_updates_for = self.get_updates_for
+
+        def updates_but_own(inputs):
+            return [update for update in get_updates_for(inputs) if id(update) not in own]
 
         existing = set(id(var) for var in self._accum_window.all_variables())
         optimizer.get_updates = get_updates
+        self.get_updates_for = updates_but_own
         try:
             super(_Keras2Training, self)._make_train_function()
         finally:
             del optimizer.get_updates
+            del self.get_updates_for
         # Keras' session initializes only the variables Keras made.
         created = [var for var in self._accum_window.all_variables() if id(var) not in existing]
         if created:

@@ -24,11 +24,12 @@ _BASES = _compat.keras2_optimizer_bases(keras)
 _LOSS_SCALE_OPTIMIZERS = _compat.loss_scale_optimizer_classes(keras)
 
 
-def wrap(optimizer, n, reduction=MEAN, name=None, skip_nonfinite=False):
+def wrap(optimizer, n, reduction=MEAN, name=None, skip_nonfinite=False, agc=None, agc_eps=1e-3):
     """The AccumOptimizer of `optimizer`'s family (see `gradaccum.AccumOptimizer`)."""
     for base, cls in zip(_BASES, _CLASSES):
         if isinstance(optimizer, base):
-            return cls(optimizer, n, reduction=reduction, name=name, skip_nonfinite=skip_nonfinite)
+            return cls(optimizer, n, reduction=reduction, name=name, skip_nonfinite=skip_nonfinite,
+                       agc=agc, agc_eps=agc_eps)
     raise TypeError("AccumOptimizer: not a Keras 2 optimizer: {!r}".format(optimizer))
 
 
@@ -36,13 +37,14 @@ class _Keras2Accumulating(_optimizer.AccumulatingOptimizer):
     """The Keras 2 wrapper, whichever optimizer family it belongs to."""
 
     @_compat.no_automatic_dependency_tracking
-    def __init__(self, optimizer, n, reduction=MEAN, name=None, skip_nonfinite=False):
+    def __init__(self, optimizer, n, reduction=MEAN, name=None, skip_nonfinite=False, agc=None,
+                 agc_eps=1e-3):
         # Like LossScaleOptimizer: the base constructor is not run; every
         # piece of optimizer state is the wrapped optimizer's.
         self._optimizer = optimizer
         self._accum_name = name or "AccumOptimizer"
         _compat.delegating_trackable_mixin().__init__(self, optimizer)
-        self._init_accumulation(n, reduction, skip_nonfinite)
+        self._init_accumulation(n, reduction, skip_nonfinite, agc, agc_eps)
         self._accum_refuse_skipping_with_loss_scaling(isinstance(optimizer, _LOSS_SCALE_OPTIMIZERS))
         _compat.track(self, self._accum_window.state, "gradaccum")
 

@@ -108,7 +108,7 @@ class _Keras3Training(_model.Accumulating):
                 lambda mean: apply_gradients(rescale(mean)))
 
         stand_ins["apply_gradients"] = accumulate_gradients
-        with standing_in(optimizer, stand_ins):
+        with standing_in(optimizer, stand_ins), self._accum_pooling():
             logs = super(_Keras3Training, self).train_step(data)
         missing = [name for name in stand_ins if name not in called]
         if missing:

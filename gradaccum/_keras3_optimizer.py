@@ -18,21 +18,23 @@ keras = _compat.keras3_module()
 _INNER_FACTOR = "the wrapped optimizer's"
 
 
-def wrap(optimizer, n, reduction=MEAN, name=None, skip_nonfinite=False):
+def wrap(optimizer, n, reduction=MEAN, name=None, skip_nonfinite=False, agc=None, agc_eps=1e-3):
     """The AccumOptimizer of a Keras 3 optimizer (see `gradaccum.AccumOptimizer`)."""
     _optimizer.refuse_own_accumulation(
         optimizer, "AccumOptimizer", "Create the optimizer without gradient_accumulation_steps.")
-    return AccumOptimizer(optimizer, n, reduction=reduction, name=name, skip_nonfinite=skip_nonfinite)
+    return AccumOptimizer(optimizer, n, reduction=reduction, name=name, skip_nonfinite=skip_nonfinite,
+                          agc=agc, agc_eps=agc_eps)
 
 
 @keras.saving.register_keras_serializable(package="gradaccum")
 class AccumOptimizer(_optimizer.AccumulatingOptimizer, keras.optimizers.Optimizer):
     """gradaccum.AccumOptimizer around a Keras 3 optimizer (see gradaccum.AccumOptimizer)."""
 
-    def __init__(self, inner_optimizer, n, reduction=MEAN, name=None, skip_nonfinite=False, **kwargs):
+    def __init__(self, inner_optimizer, n, reduction=MEAN, name=None, skip_nonfinite=False, agc=None,
+                 agc_eps=1e-3, **kwargs):
         super(AccumOptimizer, self).__init__(learning_rate=0.0, name=name or "AccumOptimizer", **kwargs)
         self.inner_optimizer = inner_optimizer
-        self._init_accumulation(n, reduction, skip_nonfinite)
+        self._init_accumulation(n, reduction, skip_nonfinite, agc, agc_eps)
         self._accum_refuse_skipping_with_loss_scaling(self._accum_loss_scaling())
         self._gradaccum = self._accum_window.state  # a checkpoint dependency
         self._accum_scaled_loss = False

@@ -20,6 +20,7 @@ Two model classes per route, because Keras models come in two kinds:
 - `AccumWrapper` holds a subclassed (or unbuilt Sequential) model and calls it.
 """
 
+import contextlib
 import io
 import math
 import os
@@ -27,9 +28,15 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from . import _batchnorm
 from ._compat import built_input_shape, is_graph_network, loss_scale_optimizer_classes, track
 from ._optimizer import AccumulatingOptimizer
 from ._window import APPLY, Window
+
+# accumulate()'s options besides n, with their defaults; a model's config
+# holds each, so that a saved model loads with them.
+OPTIONS = {"epoch_end": APPLY, "skip_nonfinite": False, "batchnorm": _batchnorm.POOLED,
+           "agc": None, "agc_eps": 1e-3}
 
 # The hooks that Keras' default training step calls on the model. A model
 # that overrides one of them has its own training logic, which gradaccum's
@@ -176,18 +183,35 @@ class Accumulating(object):
     # Whether this Keras loads back a .keras file that holds assets (the window).
     _accum_assets_load = True
 
-    def _init_accumulation(self, n, epoch_end, skip_nonfinite):
+    def _init_accumulation(self, n, options):
+        options = dict(OPTIONS, **options)
         self._accum_n = n
         # Made with n = 1, the model trains with Keras' own step, which has no
-        # window to make n larger later (see the n setter), nor to skip.
-        self._accum_keras_step = n == 1 and not skip_nonfinite
-        self._accum_epoch_end = epoch_end
+        # window to make n larger later (see the n setter), nor to skip or clip.
+        self._accum_keras_step = n == 1 and not options["skip_nonfinite"] and options["agc"] is None
+        self._accum_epoch_end = options["epoch_end"]
+        self._accum_batchnorm = options["batchnorm"]
+        if self._accum_batchnorm == _batchnorm.POOLED:
+            _batchnorm.check(self, self._keras)
+        self._accum_agc = (options["agc"], options["agc_eps"])
         # A plain attribute, so that Keras does not take its variables for
         # weights: they must not appear in get_weights() or weight files. Its
         # state is a checkpoint dependency instead, so tf.train.Checkpoint
         # (and what Keras builds on it) saves and restores an open window.
-        self._accum_window = Window(n, skip_nonfinite=skip_nonfinite)
+        self._accum_window = Window(n, skip_nonfinite=options["skip_nonfinite"],
+                                    agc=None if options["agc"] is None else self._accum_agc)
         track(self, self._accum_window.state, "gradaccum")
+
+    @property
+    def batchnorm(self):
+        """How BatchNormalization layers move their statistics: "pooled" (once per window) or "micro"."""
+        return self._accum_batchnorm
+
+    def _accum_pooling(self):
+        """The context in which the training step's forward pass pools BatchNormalization statistics."""
+        if self._accum_batchnorm != _batchnorm.POOLED:
+            return contextlib.nullcontext()
+        return _batchnorm.pooling(self, self._keras, self._accum_window)
 
     @property
     def n(self):
@@ -228,7 +252,8 @@ class Accumulating(object):
 
     def _accumulation_config(self):
         return {"n": self._accum_n, "epoch_end": self._accum_epoch_end,
-                "skip_nonfinite": self.skip_nonfinite}
+                "skip_nonfinite": self.skip_nonfinite, "batchnorm": self._accum_batchnorm,
+                "agc": self._accum_agc[0], "agc_eps": self._accum_agc[1]}
 
     def _with_update_count(self, logs):
         logs = dict(logs)
@@ -488,9 +513,10 @@ def epoch_steps(params):
 class FunctionalMixin(object):
     """Construction, saving and loading of `AccumModel` (a functional model)."""
 
-    def __init__(self, *args, n, epoch_end=APPLY, skip_nonfinite=False, **kwargs):
+    def __init__(self, *args, n, **kwargs):
+        options = {key: kwargs.pop(key) for key in OPTIONS if key in kwargs}
         super(FunctionalMixin, self).__init__(*args, **kwargs)  # keras.Model's, functional
-        self._init_accumulation(n, epoch_end, skip_nonfinite)
+        self._init_accumulation(n, options)
 
     def get_config(self):
         # A plain functional view of the same graph gives the functional
@@ -504,7 +530,7 @@ class FunctionalMixin(object):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        options = {key: config.pop(key) for key in ("n", "epoch_end", "skip_nonfinite") if key in config}
+        options = {key: config.pop(key) for key in ("n",) + tuple(OPTIONS) if key in config}
         plain = cls._keras.Model.from_config(config, custom_objects)
         return cls(inputs=plain.input, outputs=plain.output, name=plain.name, **options)
 
@@ -512,11 +538,12 @@ class FunctionalMixin(object):
 class WrapperMixin(object):
     """Construction, calling, saving and loading of `AccumWrapper` (around a subclassed model)."""
 
-    def __init__(self, model, n, epoch_end=APPLY, skip_nonfinite=False, **kwargs):
+    def __init__(self, model, n, **kwargs):
+        options = {key: kwargs.pop(key) for key in OPTIONS if key in kwargs}
         kwargs.setdefault("name", model.name)
         super(WrapperMixin, self).__init__(**kwargs)  # keras.Model's, subclassed
         self.wrapped = model
-        self._init_accumulation(n, epoch_end, skip_nonfinite)
+        self._init_accumulation(n, options)
         # A model built before wrapping gives a built wrapper, so that its
         # weights save and load before any training (Keras refuses both on an
         # unbuilt subclassed model).

@@ -37,9 +37,11 @@ from ._window import Window
 class AccumulatingOptimizer(object):
     """What the Keras 2 and Keras 3 optimizer wrappers share."""
 
-    def _init_accumulation(self, n, reduction, skip_nonfinite):
+    def _init_accumulation(self, n, reduction, skip_nonfinite, agc=None, agc_eps=1e-3):
         self._accum_n = n
-        self._accum_window = Window(n, reduction, skip_nonfinite)
+        self._accum_agc = (agc, agc_eps)
+        self._accum_window = Window(n, reduction, skip_nonfinite,
+                                    agc=None if agc is None else self._accum_agc)
 
     @property
     def n(self):
@@ -161,7 +163,8 @@ class AccumulatingOptimizer(object):
 
     def _accum_config(self):
         return {"n": self._accum_n, "reduction": self._accum_window.reduction,
-                "skip_nonfinite": self.skip_nonfinite}
+                "skip_nonfinite": self.skip_nonfinite, "agc": self._accum_agc[0],
+                "agc_eps": self._accum_agc[1]}
 
 
 def refusal_of_skipping_with_loss_scaling(caller, whose):

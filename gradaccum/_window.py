@@ -37,7 +37,7 @@ _FLOAT_ACCUMULATORS = (tf.float32, tf.float64)
 # The names (in `state`) of what holds the open window: the counters, and
 # each variable's sum and sparse-row marker ("_2" tells apart a second
 # variable of the same name).
-_OPEN_NAME = re.compile(r"^(count|weight)$|/(sum|rows)(_\d+)?$")
+_OPEN_NAME = re.compile(r"^(count|weight)$|/(sum|rows|pooled_count|pooled_mean|pooled_m2)(_\d+)?$")
 _SUM_NAME = re.compile(r"/sum(_\d+)?$")
 
 # What a route does with a partial window when an epoch ends: apply it as one
@@ -72,13 +72,17 @@ class Window(object):
             (see `apply`) instead of applying it as the big batch would.
     """
 
-    def __init__(self, n, reduction=MEAN, skip_nonfinite=False):
+    def __init__(self, n, reduction=MEAN, skip_nonfinite=False, agc=None):
         self.n = n  # (the variable `n_variable` is what the training graph reads)
         self.reduction = reduction
         self.skip_nonfinite = skip_nonfinite
+        self.agc = agc  # None, or (clip_factor, eps): adaptive clipping of the mean
         self.state = _State()
         self._sums = {}  # variable_key(var) -> accumulator variable
         self._rows = {}  # variable_key(var) -> rows touched by sparse gradients
+        # variable_key(moving_mean) -> _Pooled: a BatchNormalization layer's
+        # statistics over the window (see `add_moments`).
+        self._pooled = {}
         self.n_variable = None  # micro-batches per update, settable between steps
         self.count = None  # micro-batches in the open window
         self.weight = None  # samples in the open window
@@ -221,7 +225,7 @@ class Window(object):
                 pairs.append((tf.IndexedSlices(values, indices, tf.shape(total, out_type=tf.int64)), var))
         return pairs
 
-    def accumulate(self, grads_and_vars, batch_size, apply_fn):
+    def accumulate(self, grads_and_vars, batch_size, apply_fn, adds=()):
         """Adds one micro-batch, and applies the window if it is now due.
 
         Every route's training step is this call. The accumulators are built
@@ -235,15 +239,43 @@ class Window(object):
             batch_size: This micro-batch's weight (its number of samples).
             apply_fn: Called with the mean's (gradient, variable) pairs inside
                 the update branch: the inner optimizer's update.
+            adds: Other ops of this micro-batch that the update reads (graph
+                mode's `add_moments`), run before it.
 
         Returns:
             A boolean tensor: whether this step applied an update.
         """
         grads_and_vars = list(grads_and_vars)
         self.build([var for grad, var in grads_and_vars if grad is not None])
-        with tf.control_dependencies([self.add(grads_and_vars, batch_size)]):
+        with tf.control_dependencies([self.add(grads_and_vars, batch_size)] + list(adds)):
             due = self.due()
         return self._apply_if(due, apply_fn)
+
+    def add_moments(self, layer, x, axes, bessel):
+        """Adds one micro-batch's statistics of a BatchNormalization layer's input `x`.
+
+        The window pools them (`_Pooled`), and its update moves the layer's
+        `moving_mean` and `moving_variance` once, with the pooled statistics
+        and the layer's `momentum`: what the big batch's one step would do.
+
+        Args:
+            layer: The BatchNormalization layer (its moving statistics and
+                momentum are read).
+            x: The layer's input in this micro-batch.
+            axes: The axes of `x` its statistics reduce over.
+            bessel: Whether that Keras moves `moving_variance` with the
+                unbiased variance (count / (count - 1)), as Keras 2's fused
+                kernel does, rather than the biased one.
+
+        Returns:
+            The op that adds them.
+        """
+        key = variable_key(layer.moving_mean)
+        if key not in self._pooled:
+            def create():
+                self._pooled[key] = _Pooled(self, layer, bessel)
+            _create_variables(create)
+        return self._pooled[key].add(x, axes)
 
     def flush(self, apply_fn):
         """Applies the open window now if it holds a micro-batch (the end of the data).
@@ -335,8 +367,12 @@ class Window(object):
         (ordered explicitly for graph mode; eager code and `tf.function` keep
         program order). Returns True, for `tf.cond`.
         """
-        applied = apply_fn(self.mean())
+        mean = self.mean()
+        if self.agc is not None:
+            mean = adaptive_clip(mean, *self.agc)
+        applied = apply_fn(mean)
         after = [applied] if isinstance(applied, (tf.Operation, tf.Tensor)) else []
+        after += [pooled.apply() for pooled in self._pooled.values()]
         with tf.control_dependencies(after):
             with tf.control_dependencies([self.reset()]):
                 return tf.constant(True)
@@ -384,14 +420,18 @@ class Window(object):
 
     def _open_variables(self):
         """What holds the open window: sums, sparse-row markers, weight and count."""
-        return list(self._sums.values()) + list(self._rows.values()) + [self.weight, self.count]
+        return (list(self._sums.values()) + list(self._rows.values()) + self._pooled_variables()
+                + [self.weight, self.count])
+
+    def _pooled_variables(self):
+        return [var for pooled in self._pooled.values() for var in pooled.variables]
 
     def all_variables(self):
         """Every variable the window created (counters, sums, row markers)."""
         if not self.built:
             return []
         return ([self.n_variable, self.count, self.weight, self.epoch_step, self.epoch_steps, self.skipped]
-                + list(self._sums.values()) + list(self._rows.values()))
+                + list(self._sums.values()) + list(self._rows.values()) + self._pooled_variables())
 
     def values(self):
         """{name: value} of every window variable, for a saver other than tf.train.Checkpoint.
@@ -569,3 +609,113 @@ def _variable(initial_value, name, dtype=None, aggregation=tf.VariableAggregatio
 
 def _counter(name, dtype, initial_value):
     return _variable(initial_value, name, dtype, tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+
+class _Pooled(object):
+    """A BatchNormalization layer's per-channel statistics over the open window.
+
+    Each micro-batch adds its element count c, mean and (biased) variance;
+    the window keeps their pooled count, mean and sum of squared deviations
+    (m2), merged one micro-batch at a time as Chan et al. merge partial
+    moments (no cancellation, unlike summing x and x**2):
+
+        delta = mean_k - mean;  count' = count + c
+        mean' = mean + delta * c / count'
+        m2'   = m2 + c * var_k + delta**2 * count * c / count'
+
+    The pooled variance is m2 / count (m2 / (count - 1) where the layer's
+    Keras applies Bessel's correction): the spread within each micro-batch
+    plus the spread between their means, which is the big batch's variance.
+    A micro-batch of no samples adds nothing.
+    """
+
+    def __init__(self, window, layer, bessel):
+        self.layer = layer
+        self.bessel = bessel
+        moving_mean = layer.moving_mean
+        shape = tuple(moving_mean.shape)
+        self.count = window._track(_name(moving_mean, "pooled_count"), _variable(
+            0.0, _name(moving_mean, "pooled_count"), tf.float32, tf.VariableAggregation.ONLY_FIRST_REPLICA))
+        self.mean = window._track(_name(moving_mean, "pooled_mean"), _variable(
+            tf.zeros(shape, tf.float32), _name(moving_mean, "pooled_mean"), tf.float32,
+            tf.VariableAggregation.MEAN))
+        self.m2 = window._track(_name(moving_mean, "pooled_m2"), _variable(
+            tf.zeros(shape, tf.float32), _name(moving_mean, "pooled_m2"), tf.float32,
+            tf.VariableAggregation.MEAN))
+        self.variables = [self.count, self.mean, self.m2]
+
+    def add(self, x, axes):
+        x = tf.cast(x, tf.float32)
+        shape = self.mean.shape
+        mean, variance = tf.nn.moments(x, axes, keepdims=True)
+        c = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x, out_type=tf.int64), axes)), tf.float32)
+        # (An empty micro-batch's moments are 0/0: nan, which must not enter.)
+        some = tf.cast(c > 0, tf.float32)
+        mean = tf.math.multiply_no_nan(tf.reshape(mean, shape), some)
+        variance = tf.math.multiply_no_nan(tf.reshape(variance, shape), some)
+        # One read of each, used throughout (graph mode reads anew at every use).
+        count, pooled_mean, m2 = (var.read_value() for var in self.variables)
+        total = count + c
+        fraction = tf.math.divide_no_nan(c, total)
+        delta = mean - pooled_mean
+        with tf.control_dependencies([count, pooled_mean, m2]):
+            return tf.group(
+                self.count.assign(total),
+                self.mean.assign(pooled_mean + delta * fraction),
+                self.m2.assign(m2 + variance * c + delta * delta * count * fraction))
+
+    def apply(self):
+        """Moves the layer's moving statistics once, with the pooled ones (if any samples came)."""
+        layer = self.layer
+        count, mean, m2 = (var.read_value() for var in self.variables)
+
+        def update():
+            variance = tf.math.divide_no_nan(m2, count - 1.0 if self.bessel else count)
+            momentum = tf.cast(layer.momentum, tf.float32)
+            updates = []
+            for moving, value in ((layer.moving_mean, mean), (layer.moving_variance, variance)):
+                dtype = tf.as_dtype(moving.dtype)
+                old = tf.cast(tf.convert_to_tensor(moving), tf.float32)
+                updates.append(moving.assign(tf.cast(old * momentum + value * (1.0 - momentum), dtype)))
+            with tf.control_dependencies([op for op in updates if op is not None]):
+                return tf.constant(True)
+
+        return tf.cond(count > 0, update, lambda: tf.constant(False))
+
+
+def unitwise_norm(x):
+    """The Euclidean norm of each unit of a parameter (or its gradient), as NFNets define units.
+
+    Scalars and vectors: the whole norm. Dense kernels (in, out) and
+    multi-head kernels (rank 3): one norm per column, over axis 0. Conv
+    kernels HWIO (rank 4) and HWDIO (rank 5): one per output channel. Kept
+    with its dimensions, so that it broadcasts against `x`.
+    """
+    rank = x.shape.rank
+    if rank is None or rank > 5:
+        raise ValueError(
+            "adaptive clipping: parameters of rank 0 to 5 have units (scalars, vectors, dense, "
+            "multi-head and conv kernels). Received: a tensor of shape {}".format(x.shape))
+    axes = {0: None, 1: None, 2: [0], 3: [0], 4: [0, 1, 2], 5: [0, 1, 2, 3]}[rank]
+    return tf.sqrt(tf.reduce_sum(tf.square(x), axis=axes, keepdims=rank > 1))
+
+
+def adaptive_clip(grads_and_vars, clip_factor, eps):
+    """Adaptive gradient clipping (Brock et al. 2021, NFNets), unit by unit.
+
+    Where a unit's gradient norm exceeds clip_factor * max(its weight norm,
+    eps), the unit's gradient is scaled down to that norm. A sparse gradient
+    is made dense first: a unit (a column) spans every row.
+    """
+    pairs = []
+    for grad, var in grads_and_vars:
+        if grad is None:
+            pairs.append((grad, var))
+            continue
+        grad = tf.convert_to_tensor(grad)
+        weights = tf.cast(tf.convert_to_tensor(var), grad.dtype)
+        max_norm = tf.maximum(unitwise_norm(weights), eps) * clip_factor
+        grad_norm = unitwise_norm(grad)
+        clipped = grad * (max_norm / tf.maximum(grad_norm, 1e-6))
+        pairs.append((tf.where(grad_norm < max_norm + tf.zeros_like(grad), grad, clipped), var))
+    return pairs

@@ -5,6 +5,8 @@ attribute fails here, by the helper's name, rather than training wrong
 somewhere else.
 """
 
+import inspect
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -114,3 +116,60 @@ def test_keras3_after_backup_saves(tmp_path):
     model.compile("sgd", "mse")
     model.fit(*helpers.data(32), batch_size=8, epochs=1, verbose=0, callbacks=[backup])
     assert len(saves) == 2 and all(files >= 1 for files in saves)  # after batches 2 and 4, once written
+
+
+def batchnorm_model():
+    inputs = keras.Input((4, 4, 2))
+    inner_in = keras.Input((4, 4, 2))
+    inner = keras.Model(inner_in, keras.layers.BatchNormalization(name="inner_bn")(inner_in), name="inner")
+    outputs = keras.layers.BatchNormalization(name="outer_bn")(inner(inputs))
+    return keras.Model(inputs, outputs)
+
+
+def test_sublayers_and_batchnorm_base():
+    model = batchnorm_model()
+    names = [layer.name for layer in _compat.sublayers(model)]
+    assert "inner_bn" in names and "outer_bn" in names and "inner" in names
+    base = _compat.batchnorm_base(keras)
+    assert issubclass(keras.layers.BatchNormalization, base)
+    assert sorted(layer.name for layer in _compat.sublayers(model) if isinstance(layer, base)) == [
+        "inner_bn", "outer_bn"]
+
+
+def test_batchnorm_trains():
+    layer = keras.layers.BatchNormalization()
+    layer.build((None, 3))
+    assert _compat.batchnorm_trains(layer, True) is True or tf.is_tensor(_compat.batchnorm_trains(layer, True))
+    assert not _compat.batchnorm_trains(layer, False)
+    layer.trainable = False
+    frozen = _compat.batchnorm_trains(layer, True)
+    if _compat.IS_TF1:  # TF 1's Keras trains a frozen layer's statistics
+        assert frozen is True
+    else:
+        assert frozen is False
+
+
+def test_batchnorm_bessel():
+    plain = keras.layers.BatchNormalization()
+    plain.build((None, 3))
+    assert _compat.batchnorm_bessel(plain) is False
+    image = keras.layers.BatchNormalization()
+    image.build((None, 4, 4, 3))
+    # Keras 2's fused kernel (4-D inputs) moves the variance with the unbiased one.
+    assert _compat.batchnorm_bessel(image) is (not helpers.KERAS3)
+
+
+def test_batchnorm_refusal():
+    assert _compat.batchnorm_refusal(keras.layers.BatchNormalization()) is None
+    if "renorm" in inspect.signature(keras.layers.BatchNormalization.__init__).parameters:  # (Keras 3.7+)
+        assert _compat.batchnorm_refusal(keras.layers.BatchNormalization(renorm=True)) == "renorm=True"
+    if helpers.KERAS3:
+        assert _compat.batchnorm_refusal(keras.layers.BatchNormalization(synchronized=True)) == "synchronized=True"
+
+
+@pytest.mark.skipif(EAGER or helpers.KERAS3, reason="graph-mode Keras 2 keeps each call's input tensor")
+def test_node_inputs():
+    model = batchnorm_model()
+    inputs = _compat.node_inputs(model.get_layer("outer_bn"))
+    assert len(inputs) == 1 and tf.is_tensor(inputs[0]) and inputs[0].shape.as_list() == [None, 4, 4, 2]
+    assert len(_compat.node_inputs(model.get_layer("inner").get_layer("inner_bn"))) == 2

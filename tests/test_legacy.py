@@ -93,7 +93,8 @@ def test_the_later_spelling_is_an_alias_too():
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    ({"use_agc": True}, NotImplementedError, r"adaptive gradient clipping.*Received: use_agc=True"),
+    ({"use_agc": True, "clip_factor": 0}, ValueError, r"agc must be a positive number.*Received: agc=0"),
+    ({"use_agc": "yes"}, TypeError, r"use_agc must be True or False\. Received: use_agc='yes'"),
     ({"n_gradients": 0}, ValueError, r"GAModelWrapper\(n_gradients=...\): n must be an integer >= 1.*Received: n=0"),
     ({"layers": []}, TypeError, r"takes inputs=, outputs= and optionally name=.*Received: keyword arguments"),
 ])
