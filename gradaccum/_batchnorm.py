@@ -70,46 +70,86 @@ def pooling(model, keras, window):
 
 def _pooling_call(layer, window):
     original = method(layer, "call")
+    moments_name = _compat.batchnorm_moments_method(layer)
 
     @_compat.not_converted
     def call(inputs, *args, **kwargs):
         training = kwargs["training"] if "training" in kwargs else (args[0] if args else None)
         trains = _compat.batchnorm_trains(layer, training)
-        if not tf.is_tensor(trains):
-            if not trains:
-                return original(inputs, *args, **kwargs)
-            add = _add(layer, window, inputs, kwargs.get("mask"))
-        else:
-            add = tf.cond(trains, lambda: _grouped(_add(layer, window, inputs, kwargs.get("mask"))),
-                          tf.no_op)
+        if not tf.is_tensor(trains) and not trains:
+            return original(inputs, *args, **kwargs)
+        if kwargs.get("mask") is not None:
+            raise NotImplementedError(
+                "accumulate: BatchNormalization layer {!r} got a mask; gradaccum pools unmasked "
+                "statistics only. Use accumulate(model, n, batchnorm=\"micro\") to keep Keras' "
+                "per-micro-batch updates. Received: a mask of shape {}".format(
+                    layer.name, kwargs["mask"].shape))
+        # The layer's own moments, taken rather than computed twice: where
+        # its Keras computes them in a method (Keras 3, Keras 2's plain
+        # kernel), or from what Keras 2's fused kernel moves its averages to.
         moving = [layer.moving_mean, layer.moving_variance]
         before = [tf.identity(tf.convert_to_tensor(variable)) for variable in moving]
-        with tf.control_dependencies([add]):
+        captured, updates = [], {}
+        stand_ins = {}
+        if moments_name is not None:
+            stand_ins[moments_name] = _capturing(method(layer, moments_name), captured.append)
+        for name, kind in _compat.batchnorm_update_methods(layer).items():
+            def record(variable_and_value, kind=kind):
+                updates[id(variable_and_value[0])] = (kind, variable_and_value[1])
+            stand_ins[name] = _capturing(method(layer, name), record, arguments=True)
+        with standing_in(layer, stand_ins):
             outputs = original(inputs, *args, **kwargs)
         # The layer moved its statistics towards this micro-batch's; the
         # window moves them once per update instead.
         for variable, value in zip(moving, before):
             variable.assign(value)
+        own = captured[0] if len(captured) == 1 else _from_updates(layer, inputs, moving, before, updates)
+
+        def add():
+            with tf.control_dependencies([_add(layer, window, inputs, own)]):
+                return tf.no_op()
+
+        if tf.is_tensor(trains):
+            tf.cond(trains, add, tf.no_op)
+        else:
+            add()
         return outputs
 
     return call
 
 
-def _grouped(op):
-    with tf.control_dependencies([op]):
-        return tf.no_op()
+def _capturing(function, record, arguments=False):
+    """`function`, recording its result (or, with `arguments`, its first two arguments)."""
+    def capture(*args, **kwargs):
+        result = function(*args, **kwargs)
+        record(args[:2] if arguments else result)
+        return result
+    return capture
 
 
-def _add(layer, window, inputs, mask):
-    if mask is not None:
-        raise NotImplementedError(
-            "accumulate: BatchNormalization layer {!r} got a mask; gradaccum pools unmasked "
-            "statistics only. Use accumulate(model, n, batchnorm=\"micro\") to keep Keras' "
-            "per-micro-batch updates. Received: a mask of shape {}".format(layer.name, mask.shape))
+def _from_updates(layer, inputs, moving, before, updates):
+    """The batch's (mean, biased variance) from the fused kernel's updates, or None if not found."""
+    found = [updates.get(id(variable)) for variable in moving]
+    if None in found or isinstance(layer.momentum, (tf.Tensor, tf.Variable)) or layer.momentum >= 1.0:
+        return None  # (computed anew)
+    statistics = []
+    for (kind, value), old in zip(found, before):
+        value = tf.cast(value, tf.float32)
+        if kind == "average":  # value = momentum * old + (1 - momentum) * batch's
+            value = (value - layer.momentum * tf.cast(old, tf.float32)) / (1.0 - layer.momentum)
+        statistics.append(value)
+    mean, variance = statistics
+    if _compat.batchnorm_bessel(layer):  # the kernel's is the unbiased variance
+        count = tf.cast(tf.size(inputs), tf.float32) / tf.cast(tf.size(mean), tf.float32)
+        variance = variance * tf.math.divide_no_nan(count - 1.0, count)
+    return mean, variance
+
+
+def _add(layer, window, inputs, moments=None):
     rank = inputs.shape.rank
     channels = set(axis % rank for axis in tf.nest.flatten(layer.axis))
     axes = [axis for axis in range(rank) if axis not in channels]
-    return window.add_moments(layer, inputs, axes, _compat.batchnorm_bessel(layer))
+    return window.add_moments(layer, inputs, axes, _compat.batchnorm_bessel(layer), moments)
 
 
 def graph_statistics(model, keras, window):
@@ -129,7 +169,7 @@ def graph_statistics(model, keras, window):
         own.update(id(update) for update in layer.updates)
         for inputs in _compat.node_inputs(layer):
             if depends(inputs.op):
-                adds.append(_add(layer, window, inputs, None))
+                adds.append(_add(layer, window, inputs))
     return adds, own
 
 

@@ -414,6 +414,33 @@ def batchnorm_trains(layer, training):
     return bool(training) and layer.trainable
 
 
+def batchnorm_moments_method(layer):
+    """The name of the method that computes `layer`'s batch mean and variance, or None.
+
+    Keras 3 and Keras 2's plain (non-fused) kernel call `_moments`, which
+    returns the (mean, biased variance) over the reduced axes; Keras 2's
+    fused kernel computes them inside its op.
+    """
+    if getattr(layer, "fused", False) or not callable(getattr(type(layer), "_moments", None)):
+        return None
+    return "_moments"
+
+
+def batchnorm_update_methods(layer):
+    """{method name: what its `value` is} for the methods through which `layer` moves its statistics.
+
+    Keras 2's fused kernel hands its outputs to `_assign_moving_average(
+    variable, value, momentum, inputs_size)`, `value` the batch's statistic
+    (graph mode, XLA), or to `_assign_new_value(variable, value)`, `value`
+    the moved average the kernel computed itself (eager TF 2). Empty where the
+    layer computes its moments in a method (see `batchnorm_moments_method`).
+    """
+    if not getattr(layer, "fused", False):
+        return {}
+    return {name: kind for name, kind in (("_assign_moving_average", "batch"), ("_assign_new_value", "average"))
+            if callable(getattr(type(layer), name, None))}
+
+
 def batchnorm_bessel(layer):
     """Whether `layer` moves its moving variance with the unbiased (Bessel-corrected) variance.
 

@@ -251,7 +251,7 @@ class Window(object):
             due = self.due()
         return self._apply_if(due, apply_fn)
 
-    def add_moments(self, layer, x, axes, bessel):
+    def add_moments(self, layer, x, axes, bessel, moments=None):
         """Adds one micro-batch's statistics of a BatchNormalization layer's input `x`.
 
         The window pools them (`_Pooled`), and its update moves the layer's
@@ -266,6 +266,8 @@ class Window(object):
             bessel: Whether that Keras moves `moving_variance` with the
                 unbiased variance (count / (count - 1)), as Keras 2's fused
                 kernel does, rather than the biased one.
+            moments: The (mean, biased variance) of `x` over `axes` where the
+                layer computed them already; computed here otherwise.
 
         Returns:
             The op that adds them.
@@ -275,7 +277,7 @@ class Window(object):
             def create():
                 self._pooled[key] = _Pooled(self, layer, bessel)
             _create_variables(create)
-        return self._pooled[key].add(x, axes)
+        return self._pooled[key].add(x, axes, moments)
 
     def flush(self, apply_fn):
         """Applies the open window now if it holds a micro-batch (the end of the data).
@@ -644,10 +646,11 @@ class _Pooled(object):
             tf.VariableAggregation.MEAN))
         self.variables = [self.count, self.mean, self.m2]
 
-    def add(self, x, axes):
-        x = tf.cast(x, tf.float32)
+    def add(self, x, axes, moments=None):
         shape = self.mean.shape
-        mean, variance = tf.nn.moments(x, axes, keepdims=True)
+        if moments is None:
+            moments = tf.nn.moments(tf.cast(x, tf.float32), axes, keepdims=True)
+        mean, variance = (tf.cast(moment, tf.float32) for moment in moments)
         c = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x, out_type=tf.int64), axes)), tf.float32)
         # (An empty micro-batch's moments are 0/0: nan, which must not enter.)
         some = tf.cast(c > 0, tf.float32)

@@ -159,6 +159,22 @@ def test_batchnorm_bessel():
     assert _compat.batchnorm_bessel(image) is (not helpers.KERAS3)
 
 
+def test_batchnorm_moments_and_update_methods():
+    # Where the layer's batch statistics can be taken from: the method that
+    # computes them (Keras 3, Keras 2's plain kernel), or the methods that
+    # Keras 2's fused kernel moves its averages through.
+    plain = keras.layers.BatchNormalization(**({} if helpers.KERAS3 else {"fused": False}))
+    plain.build((None, 4, 4, 3))
+    assert _compat.batchnorm_moments_method(plain) == "_moments"
+    assert _compat.batchnorm_update_methods(plain) == {}
+    if not helpers.KERAS3:
+        fused = keras.layers.BatchNormalization(fused=True)
+        fused.build((None, 4, 4, 3))
+        assert _compat.batchnorm_moments_method(fused) is None
+        assert _compat.batchnorm_update_methods(fused) == {
+            "_assign_moving_average": "batch", "_assign_new_value": "average"}
+
+
 def test_batchnorm_refusal():
     assert _compat.batchnorm_refusal(keras.layers.BatchNormalization()) is None
     if "renorm" in inspect.signature(keras.layers.BatchNormalization.__init__).parameters:  # (Keras 3.7+)
