@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from gradaccum import _compat, accumulate  # noqa: E402
 
 keras = _compat.keras2_module() or _compat.keras3_module()
-N, B, EPOCHS = 4, 8, 1
+N, B, EPOCHS = 4, 8, 3
 
 
 def cnn(batchnorm):
@@ -71,7 +71,7 @@ def trained(kind, initial, x, y):
             options = {"batchnorm": "micro"} if "micro" in kind else {}
             model = accumulate(base, N, **options)
     set_weights(base, initial)
-    model.compile(keras.optimizers.SGD(0.01), "categorical_crossentropy")
+    model.compile(keras.optimizers.SGD(0.01), keras.losses.CategoricalCrossentropy(from_logits=True))
     model.fit(x, y, batch_size=batch_size, epochs=EPOCHS, shuffle=False, verbose=0)
     return base
 
