@@ -103,7 +103,11 @@ def _pooling_call(layer, window):
         # window moves them once per update instead.
         for variable, value in zip(moving, before):
             variable.assign(value)
-        own = captured[0] if len(captured) == 1 else _from_updates(layer, inputs, moving, before, updates)
+        # (Where the layer decides by a tensor, its updates ran in a branch of
+        # a cond, whose tensors cannot be read out here: computed anew.)
+        own = None
+        if not tf.is_tensor(trains):
+            own = captured[0] if len(captured) == 1 else _from_updates(layer, inputs, moving, before, updates)
 
         def add():
             with tf.control_dependencies([_add(layer, window, inputs, own)]):

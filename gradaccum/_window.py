@@ -364,6 +364,10 @@ class Window(object):
     def apply(self, apply_fn):
         """Applies the window's mean with `apply_fn`, then empties the window.
 
+        The mean is clipped adaptively first where `agc` is set, and the
+        BatchNormalization statistics the window pooled move their layers'
+        moving statistics in the same branch.
+
         `apply_fn` takes (gradient, variable) pairs: the inner optimizer's
         update. The sums are emptied only after the update has read them
         (ordered explicitly for graph mode; eager code and `tf.function` keep

@@ -149,6 +149,29 @@ def test_channels_first_and_a_nested_model():
     assert_pooled(lambda: bn_model(4, nested=True, axis=-1 if _compat.IS_TF1 else 1), x, y)
 
 
+class SubclassedBN(keras.Model):
+    def __init__(self, **kwargs):
+        super(SubclassedBN, self).__init__(**kwargs)
+        self.frozen = keras.layers.Dense(6, trainable=False)
+        self.bn = keras.layers.BatchNormalization(momentum=0.8)
+        self.out = keras.layers.Dense(2)
+
+    def call(self, inputs, training=None):
+        return self.out(self.bn(self.frozen(inputs), training=training))
+
+
+def subclassed_bn():
+    model = SubclassedBN()
+    model(np.zeros((1, 5), "float32"))
+    return model
+
+
+@pytest.mark.skipif(not EAGER, reason="subclassed models build eagerly")
+def test_a_subclassed_model():
+    x, y = data(2)
+    assert_pooled(subclassed_bn, x, y)
+
+
 def test_windows_of_unequal_micro_batches():
     x, y = data(2, samples=90)  # micro-batches of 8 and a last one of 2
     assert_pooled(lambda: bn_model(2), x, y, n=3)
@@ -315,3 +338,35 @@ def test_mixed_precision():
         assert_pooled(lambda: bn_model(4), x, y)
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.heavy
+def test_under_mirrored_strategy_statistics_pool_per_replica():
+    # Each replica pools its part of each micro-batch, as Keras keeps
+    # BatchNormalization's statistics per replica. Keras 2 reads them as the
+    # replicas' mean: with equal parts, the moving mean is the big batch's
+    # under the same strategy; the variance is close, not equal (a replica's
+    # window holds other samples than its part of the big batch). Keras 3
+    # keeps each replica's own (and saves the first's): it trains, and its
+    # statistics moved.
+    if not EAGER:
+        pytest.skip("strategies train eagerly")
+    x, y = data(2, samples=96)  # windows of 64 and 32 samples, 8 per replica and micro-batch
+    initial = helpers.weights_of(bn_model(2))
+    results = {}
+    for key, n, b in (("accumulated", N, 16), ("big", None, N * 16), ("small", None, 16)):
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        with strategy.scope():
+            model = helpers.fresh(lambda: bn_model(2), initial)
+            if n:
+                model = accumulate(model, n)
+            model.compile(sgd(0.05), "mse")
+        model.fit(x, y, batch_size=b, epochs=2, shuffle=False, verbose=0)
+        bn = find_bn(model)
+        results[key] = ([value(bn.moving_mean), value(bn.moving_variance)], int(value(model.optimizer.iterations)))
+    assert results["accumulated"][1] == results["big"][1] == 4
+    assert np.all(results["accumulated"][0][0] != 0.0)
+    if not helpers.KERAS3:
+        before = [np.zeros_like(results["big"][0][0])]
+        assert statistics_error(results["accumulated"][0][:1], results["big"][0][:1], before) < 1e-5
+        assert statistics_error(results["small"][0][:1], results["big"][0][:1], before) > 1e-3
