@@ -62,13 +62,14 @@ def pooling(model, keras, window):
     with contextlib.ExitStack() as stack:
         for layer in layers:
             if _compat.batchnorm_refusal(layer) is None:
-                stack.enter_context(standing_in(layer, {"call": _pooling_call(layer, window)}))
+                stack.enter_context(standing_in(layer, {"call": _pooling_call(layer, window, calls=[0])}))
             else:
                 check(model, keras)  # (a layer added after accumulate(); raises)
         yield
 
 
-def _pooling_call(layer, window):
+def _pooling_call(layer, window, calls):
+    """The stand-in for `layer.call`; `calls` counts its calls in this trace."""
     original = method(layer, "call")
     moments_name = _compat.batchnorm_moments_method(layer)
 
@@ -78,6 +79,8 @@ def _pooling_call(layer, window):
         trains = _compat.batchnorm_trains(layer, training)
         if not tf.is_tensor(trains) and not trains:
             return original(inputs, *args, **kwargs)
+        call_index = calls[0]
+        calls[0] += 1
         if kwargs.get("mask") is not None:
             raise NotImplementedError(
                 "accumulate: BatchNormalization layer {!r} got a mask; gradaccum pools unmasked "
@@ -110,7 +113,7 @@ def _pooling_call(layer, window):
             own = captured[0] if len(captured) == 1 else _from_updates(layer, inputs, moving, before, updates)
 
         def add():
-            with tf.control_dependencies([_add(layer, window, inputs, own)]):
+            with tf.control_dependencies([_add(layer, window, inputs, own, call_index)]):
                 return tf.no_op()
 
         if tf.is_tensor(trains):
@@ -149,11 +152,11 @@ def _from_updates(layer, inputs, moving, before, updates):
     return mean, variance
 
 
-def _add(layer, window, inputs, moments=None):
+def _add(layer, window, inputs, moments=None, call=0):
     rank = inputs.shape.rank
     channels = set(axis % rank for axis in tf.nest.flatten(layer.axis))
     axes = [axis for axis in range(rank) if axis not in channels]
-    return window.add_moments(layer, inputs, axes, _compat.batchnorm_bessel(layer), moments)
+    return window.add_moments(layer, inputs, axes, _compat.batchnorm_bessel(layer), moments, call)
 
 
 def graph_statistics(model, keras, window):
@@ -171,9 +174,9 @@ def graph_statistics(model, keras, window):
         if not any(depends(_op(update)) for update in layer.updates):
             continue
         own.update(id(update) for update in layer.updates)
-        for inputs in _compat.node_inputs(layer):
-            if depends(inputs.op):
-                adds.append(_add(layer, window, inputs))
+        calls = [inputs for inputs in _compat.node_inputs(layer) if depends(inputs.op)]
+        for call, inputs in enumerate(calls):
+            adds.append(_add(layer, window, inputs, call=call))
     return adds, own
 
 

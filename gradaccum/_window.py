@@ -80,8 +80,9 @@ class Window(object):
         self.state = _State()
         self._sums = {}  # variable_key(var) -> accumulator variable
         self._rows = {}  # variable_key(var) -> rows touched by sparse gradients
-        # variable_key(moving_mean) -> _Pooled: a BatchNormalization layer's
-        # statistics over the window (see `add_moments`).
+        # (variable_key(moving_mean), call) -> _Pooled: a BatchNormalization
+        # layer's statistics over the window, per call of the layer in a
+        # step (see `add_moments`), in the order they came.
         self._pooled = {}
         self.n_variable = None  # micro-batches per update, settable between steps
         self.count = None  # micro-batches in the open window
@@ -251,7 +252,7 @@ class Window(object):
             due = self.due()
         return self._apply_if(due, apply_fn)
 
-    def add_moments(self, layer, x, axes, bessel, moments=None):
+    def add_moments(self, layer, x, axes, bessel, moments=None, call=0):
         """Adds one micro-batch's statistics of a BatchNormalization layer's input `x`.
 
         The window pools them (`_Pooled`), and its update moves the layer's
@@ -268,11 +269,14 @@ class Window(object):
                 kernel does, rather than the biased one.
             moments: The (mean, biased variance) of `x` over `axes` where the
                 layer computed them already; computed here otherwise.
+            call: Which call of the layer in the training step this is. A
+                layer called k times a step moves its statistics k times, as
+                in the big batch's step: once per call, in call order.
 
         Returns:
             The op that adds them.
         """
-        key = variable_key(layer.moving_mean)
+        key = (variable_key(layer.moving_mean), call)
         if key not in self._pooled:
             def create():
                 self._pooled[key] = _Pooled(self, layer, bessel)
@@ -378,7 +382,9 @@ class Window(object):
             mean = adaptive_clip(mean, *self.agc)
         applied = apply_fn(mean)
         after = [applied] if isinstance(applied, (tf.Operation, tf.Tensor)) else []
-        after += [pooled.apply() for pooled in self._pooled.values()]
+        for pooled in self._pooled.values():  # (in order: a layer's calls move it in turn)
+            with tf.control_dependencies(after[-1:]):
+                after.append(pooled.apply())
         with tf.control_dependencies(after):
             with tf.control_dependencies([self.reset()]):
                 return tf.constant(True)

@@ -18,11 +18,12 @@ applied. That library's optimizer wrapper, `GradientAccumulateOptimizer(
 optimizer, accum_steps)`, is here too, and returns `gradaccum.AccumOptimizer`.
 
 Its BatchNormalization layer and adaptive gradient clipping are here as well:
-`AccumBatchNormalization` and `replace_batchnorm_layers` give plain Keras
-BatchNormalization layers, which an accumulating model pools once per window
-anyway; `compute_norm`, `unitwise_norm` and `adaptive_clip_grad` are the AGC
-functions, and `GradientAccumulateModel(use_agc=True)` clips the window's
-mean gradient once per update (`accumulate(model, n, agc=clip_factor)`).
+`AccumBatchNormalization` is Keras' BatchNormalization under that name (an
+accumulating model pools every BatchNormalization once per window anyway),
+and `replace_batchnorm_layers` swaps a model's for it; `compute_norm`,
+`unitwise_norm` and `adaptive_clip_grad` are the AGC functions, and
+`GradientAccumulateModel(use_agc=True)` clips the window's mean gradient
+once per update (`accumulate(model, n, agc=clip_factor)`).
 
 Each warns once per process with a `DeprecationWarning` that gives the new
 spelling.

@@ -149,6 +149,23 @@ def test_channels_first_and_a_nested_model():
     assert_pooled(lambda: bn_model(4, nested=True, axis=-1 if _compat.IS_TF1 else 1), x, y)
 
 
+def shared_bn_model():
+    inputs = keras.Input((5,))
+    bn = keras.layers.BatchNormalization(momentum=0.8, name="bn")
+    first = bn(keras.layers.Dense(3, trainable=False, name="frozen_a")(inputs))
+    second = bn(keras.layers.Dense(3, trainable=False, name="frozen_b")(inputs))
+    return keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Concatenate()([first, second])))
+
+
+def test_a_layer_called_twice_a_step_moves_twice_an_update():
+    # As Keras moves it twice in the big batch's step, once per call, in order.
+    if not EAGER:
+        pytest.skip("graph-mode Keras runs a shared layer's updates unordered (each may read the "
+                    "statistics before the other moved them): no one result to match")
+    x, y = data(2)
+    assert_pooled(shared_bn_model, x, y)
+
+
 class SubclassedBN(keras.Model):
     def __init__(self, **kwargs):
         super(SubclassedBN, self).__init__(**kwargs)
