@@ -58,6 +58,7 @@ def clipped_loop(initial, x, y, batch_size, clip_each=None, n=1):
     return helpers.weights_of(model), int(optimizer.iterations.numpy())
 
 
+@pytest.mark.core
 def test_agc_clips_the_accumulated_gradient_as_the_big_batchs():
     x, y = helpers.data(100)
     x = x * 20.0  # large gradients, so that AGC clips
