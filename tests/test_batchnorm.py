@@ -372,7 +372,10 @@ def test_under_mirrored_strategy_statistics_pool_per_replica():
     initial = helpers.weights_of(bn_model(2))
     results = {}
     for key, n, b in (("accumulated", N, 16), ("big", None, N * 16), ("small", None, 16)):
-        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        # (ReductionToOneDevice, as test_distribute: no collectives, whose state a
+        # process keeps from one strategy to the next.)
+        strategy = tf.distribute.MirroredStrategy(
+            ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())
         with strategy.scope():
             model = helpers.fresh(lambda: bn_model(2), initial)
             if n:
