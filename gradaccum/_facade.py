@@ -78,7 +78,7 @@ def accumulate(model, n, epoch_end=APPLY, skip_nonfinite=False, batchnorm=POOLED
         >>> model.fit(x, y, batch_size=8)  # trains like batch_size=32
     """
     n = check_n(n, "accumulate")
-    check_epoch_end(epoch_end, "accumulate")
+    check_choice(epoch_end, "epoch_end", EPOCH_END_CHOICES, "accumulate")
     check_flag(skip_nonfinite, "skip_nonfinite", "accumulate")
     check_choice(batchnorm, "batchnorm", BATCHNORM_CHOICES, "accumulate")
     agc, agc_eps = check_agc(agc, agc_eps, "accumulate")
@@ -214,13 +214,6 @@ def check_agc(agc, agc_eps, caller):
                     caller, name, " (the clip factor, e.g. 0.01) or None" if allow_none else "",
                     name, value))
     return (None if agc is None else float(agc)), float(agc_eps)
-
-
-def check_epoch_end(epoch_end, caller):
-    if epoch_end not in EPOCH_END_CHOICES:
-        raise ValueError("{}: epoch_end must be one of {}. Received: epoch_end={!r}".format(
-            caller, EPOCH_END_CHOICES, epoch_end))
-    return epoch_end
 
 
 def check_reduction(reduction, caller):
