@@ -644,16 +644,15 @@ class _Pooled(object):
     def __init__(self, window, layer, bessel):
         self.layer = layer
         self.bessel = bessel
-        moving_mean = layer.moving_mean
-        shape = tuple(moving_mean.shape)
-        self.count = window._track(_name(moving_mean, "pooled_count"), _variable(
-            0.0, _name(moving_mean, "pooled_count"), tf.float32, tf.VariableAggregation.ONLY_FIRST_REPLICA))
-        self.mean = window._track(_name(moving_mean, "pooled_mean"), _variable(
-            tf.zeros(shape, tf.float32), _name(moving_mean, "pooled_mean"), tf.float32,
-            tf.VariableAggregation.MEAN))
-        self.m2 = window._track(_name(moving_mean, "pooled_m2"), _variable(
-            tf.zeros(shape, tf.float32), _name(moving_mean, "pooled_m2"), tf.float32,
-            tf.VariableAggregation.MEAN))
+        zeros = tf.zeros(tuple(layer.moving_mean.shape), tf.float32)
+
+        def pooled(what, initial_value, aggregation):
+            name = _name(layer.moving_mean, "pooled_" + what)
+            return window._track(name, _variable(initial_value, name, tf.float32, aggregation))
+
+        self.count = pooled("count", 0.0, tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        self.mean = pooled("mean", zeros, tf.VariableAggregation.MEAN)
+        self.m2 = pooled("m2", zeros, tf.VariableAggregation.MEAN)
         self.variables = [self.count, self.mean, self.m2]
 
     def add(self, x, axes, moments=None):
