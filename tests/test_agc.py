@@ -130,7 +130,6 @@ def test_adaptive_clip_grad_clips_only_units_over_the_limit():
     np.testing.assert_allclose(got[:, 1], [2e-4, 0.0], rtol=1e-5)
 
 
-@pytest.mark.errors
 @pytest.mark.parametrize("options, message", [
     ({"agc": 0.0}, r"agc must be a positive number \(the clip factor, e.g. 0.01\) or None\. Received: agc=0\.0"),
     ({"agc": -1}, r"Received: agc=-1"),

@@ -290,7 +290,6 @@ def refused_layers():
     return cases
 
 
-@pytest.mark.errors
 @pytest.mark.parametrize("name, make, received", refused_layers(), ids=[case[0] for case in refused_layers()])
 def test_statistics_it_cannot_pool_are_refused_unless_micro(name, make, received):
     inputs = keras.Input((5,))
