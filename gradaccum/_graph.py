@@ -73,7 +73,7 @@ class AccumOptimizer(_V1Optimizer):
         self._optimizer = optimizer
         self._n = n
         self._skip_nonfinite = skip_nonfinite
-        self._agc = None if agc is None else (agc, agc_eps)
+        self._agc = {"agc": agc, "agc_eps": agc_eps}
         self._micro_batch_size = micro_batch_size
         self._windows = []
 
@@ -140,7 +140,7 @@ class AccumOptimizer(_V1Optimizer):
             raise ValueError(
                 "AccumOptimizer: no gradients provided for any variable. Received: {}".format(
                     [var.name for _, var in grads_and_vars]))
-        window = Window(self._n, skip_nonfinite=self._skip_nonfinite, agc=self._agc)
+        window = Window(self._n, skip_nonfinite=self._skip_nonfinite, **self._agc)
         self._windows.append(window)
         if self._micro_batch_size is None:
             batch_size = tf.constant(1.0)

@@ -193,13 +193,12 @@ class Accumulating(object):
         self._accum_batchnorm = options["batchnorm"]
         if self._accum_batchnorm == _batchnorm.POOLED:
             _batchnorm.check(self, self._keras)
-        self._accum_agc = (options["agc"], options["agc_eps"])
         # A plain attribute, so that Keras does not take its variables for
         # weights: they must not appear in get_weights() or weight files. Its
         # state is a checkpoint dependency instead, so tf.train.Checkpoint
         # (and what Keras builds on it) saves and restores an open window.
         self._accum_window = Window(n, skip_nonfinite=options["skip_nonfinite"],
-                                    agc=None if options["agc"] is None else self._accum_agc)
+                                    agc=options["agc"], agc_eps=options["agc_eps"])
         track(self, self._accum_window.state, "gradaccum")
 
     @property
@@ -253,7 +252,7 @@ class Accumulating(object):
     def _accumulation_config(self):
         return {"n": self._accum_n, "epoch_end": self._accum_epoch_end,
                 "skip_nonfinite": self.skip_nonfinite, "batchnorm": self._accum_batchnorm,
-                "agc": self._accum_agc[0], "agc_eps": self._accum_agc[1]}
+                "agc": self._accum_window.agc, "agc_eps": self._accum_window.agc_eps}
 
     def _with_update_count(self, logs):
         logs = dict(logs)

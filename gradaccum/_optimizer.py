@@ -39,9 +39,7 @@ class AccumulatingOptimizer(object):
 
     def _init_accumulation(self, n, reduction, skip_nonfinite, agc=None, agc_eps=1e-3):
         self._accum_n = n
-        self._accum_agc = (agc, agc_eps)
-        self._accum_window = Window(n, reduction, skip_nonfinite,
-                                    agc=None if agc is None else self._accum_agc)
+        self._accum_window = Window(n, reduction, skip_nonfinite, agc=agc, agc_eps=agc_eps)
 
     @property
     def n(self):
@@ -163,8 +161,8 @@ class AccumulatingOptimizer(object):
 
     def _accum_config(self):
         return {"n": self._accum_n, "reduction": self._accum_window.reduction,
-                "skip_nonfinite": self.skip_nonfinite, "agc": self._accum_agc[0],
-                "agc_eps": self._accum_agc[1]}
+                "skip_nonfinite": self.skip_nonfinite, "agc": self._accum_window.agc,
+                "agc_eps": self._accum_window.agc_eps}
 
 
 def refusal_of_skipping_with_loss_scaling(caller, whose):

@@ -70,13 +70,16 @@ class Window(object):
             or SUM (the weighted sum).
         skip_nonfinite: Skip a window whose gradients hold an inf or a nan
             (see `apply`) instead of applying it as the big batch would.
+        agc, agc_eps: Adaptive clipping of the mean (`adaptive_clip`) with
+            clip factor `agc`, None for none.
     """
 
-    def __init__(self, n, reduction=MEAN, skip_nonfinite=False, agc=None):
+    def __init__(self, n, reduction=MEAN, skip_nonfinite=False, agc=None, agc_eps=1e-3):
         self.n = n  # (the variable `n_variable` is what the training graph reads)
         self.reduction = reduction
         self.skip_nonfinite = skip_nonfinite
-        self.agc = agc  # None, or (clip_factor, eps): adaptive clipping of the mean
+        self.agc = agc  # None, or the clip factor of adaptive clipping of the mean
+        self.agc_eps = agc_eps
         self.state = _State()
         self._sums = {}  # variable_key(var) -> accumulator variable
         self._rows = {}  # variable_key(var) -> rows touched by sparse gradients
@@ -379,7 +382,7 @@ class Window(object):
         """
         mean = self.mean()
         if self.agc is not None:
-            mean = adaptive_clip(mean, *self.agc)
+            mean = adaptive_clip(mean, self.agc, self.agc_eps)
         applied = apply_fn(mean)
         after = [applied] if isinstance(applied, (tf.Operation, tf.Tensor)) else []
         for pooled in self._pooled.values():  # (in order: a layer's calls move it in turn)
