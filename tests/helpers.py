@@ -6,6 +6,7 @@ Keras 3 after), and tests that need a capability skip by capability.
 """
 
 import inspect
+import os
 
 import numpy as np
 import pytest
@@ -32,6 +33,14 @@ def require_mode(eager):
     if here != ("eager" if eager else "graph"):
         pytest.skip("{} tests; this run is in {} mode".format("eager" if eager else "graph-mode", here),
                     allow_module_level=True)
+
+
+# Long tests (minute-long fits, killed processes, a keras.applications model)
+# run in one environment per Keras flavour; tox.ini sets GRADACCUM_LONG=0 in
+# the others.
+long_run = pytest.mark.skipif(
+    os.environ.get("GRADACCUM_LONG", "1") == "0",
+    reason="long: runs in one environment per Keras flavour (GRADACCUM_LONG=0 here)")
 
 
 def data(n_samples=96, n_features=5, n_outputs=3, seed=0):

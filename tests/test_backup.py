@@ -107,8 +107,7 @@ def result(workdir):
 
 
 @pytest.mark.heavy
-@pytest.mark.skipif(os.environ.get("GRADACCUM_LONG", "1") == "0",
-                    reason="multi-process: runs in one environment per Keras flavour (GRADACCUM_LONG=0 here)")
+@helpers.long_run
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_a_process_killed_mid_window_resumes_with_its_window_in_a_new_process(case, tmp_path):
     needs(case)

@@ -316,6 +316,7 @@ def test_the_choice_is_saved_with_the_model():
 
 
 @pytest.mark.heavy
+@helpers.long_run
 def test_a_keras_applications_model():
     if not EAGER:
         pytest.skip("eager")

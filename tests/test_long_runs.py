@@ -33,8 +33,7 @@ from gradaccum import accumulate
 helpers.require_mode(eager=True)
 pytestmark = [
     pytest.mark.heavy,
-    pytest.mark.skipif(os.environ.get("GRADACCUM_LONG", "1") == "0",
-                       reason="long: runs in one environment per Keras flavour (GRADACCUM_LONG=0 here)"),
+    helpers.long_run,
     pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from Linux's /proc"),
 ]
 
