@@ -233,6 +233,12 @@ def step_runner(name, made, batches):
     return lambda: train_function(iterator)
 
 
+def window_median(step_times, n):
+    """The median over windows (n consecutive steps) of their time per step."""
+    windows = np.asarray(step_times[:len(step_times) // n * n]).reshape(-1, n).mean(axis=1)
+    return float(np.median(windows))
+
+
 def spread(values):
     """(largest - smallest) / smallest."""
     return (max(values) - min(values)) / min(values)
@@ -249,8 +255,11 @@ def throughput(args):
     epoch, then 2n steps), then the variants take one micro-step each in a
     random order, for STEPS steps a round: a drift of the machine's speed
     reaches every variant alike. A first round settles the process and is
-    not counted. A round's figure is a variant's median step time; its
-    ratios to plain and to the floor are taken within the round.
+    not counted. A round's figure is a variant's median time per micro-batch
+    over its windows: each n consecutive steps of a variant hold exactly one
+    update, so the update's cost is counted, shared by its n micro-batches
+    (a median of single steps would skip it whenever n > 2). Its ratios to
+    plain and to the floor are taken within the round.
     """
     keras = _keras()
     tf = _tf()
@@ -294,7 +303,7 @@ def throughput(args):
                     gc.enable()
                 for name, measured in times.items():
                     if round_:
-                        medians[name].append(float(np.median(measured)))
+                        medians[name].append(window_median(measured, n))
             for name, measured in medians.items():
                 row = {"model": model_name, "n": n, "b": b, "variant": name, "rounds": rounds,
                        "steps_per_round": steps, "round_medians_s": measured,
@@ -325,6 +334,10 @@ MEMORY_MODEL = {"inputs": 1024, "width": 2048, "depth": 3}
 # (a threshold that grows with the buffers freed), freed tensors stay in its
 # heap and the peak also records how the heap fragmented.
 MEMORY_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+# The second measure: TensorFlow's own count of the bytes its tensors hold,
+# which its BFC allocator keeps on the CPU when asked to. Exact and free of
+# malloc and of tracing (graphs and Python objects are not tensors).
+TENSOR_ENV = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true")
 
 
 def memory_mlp(keras):
@@ -361,11 +374,16 @@ def memory_child(variant, b, n, samples):
     params = int(sum(np.prod(v.shape) for v in model.trainable_variables))
     trained = variants(keras)[variant](model, n)
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # resets VmHWM to the current RSS
-    before = _rss("VmRSS")
+    tensors = os.environ.get("TF_CPU_ALLOCATOR_USE_BFC") == "true"
+    if tensors:
+        before = _tf().config.experimental.get_memory_info("CPU:0")["current"]
+        _tf().config.experimental.reset_memory_stats("CPU:0")
+    else:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # resets VmHWM to the current RSS
+        before = _rss("VmRSS")
     trained.fit(x, y, batch_size=b, epochs=1, shuffle=False, verbose=0)
-    peak = _rss("VmHWM")
+    peak = _tf().config.experimental.get_memory_info("CPU:0")["peak"] if tensors else _rss("VmHWM")
     window = getattr(trained, "_accum_window", None) or getattr(trained.optimizer, "_accum_window", None)
     state = sum(int(np.prod(v.shape)) * _tf().as_dtype(v.dtype).size
                 for v in (window.all_variables() if window is not None else []))
@@ -381,22 +399,24 @@ def memory(args):
     repeats = 3 if args.quick else 5
     results = []
     for variant, batch, steps in runs:
-        peaks = []
-        for _ in range(repeats):
-            out = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), "--memory-child", variant, str(batch), str(steps),
-                 str(4 * n * b)],  # the same samples for every row: 4 updates of n*b
-                stdout=subprocess.PIPE, universal_newlines=True, check=True, env=MEMORY_ENV).stdout
-            measured = json.loads(out.strip().splitlines()[-1])
-            peaks.append(measured["training_peak"])
-        results.append({"variant": variant, "b": batch, "n": steps, "training_peak": float(np.median(peaks)),
-                        "training_peak_runs": peaks, "param_bytes": measured["param_bytes"],
+        row = {"variant": variant, "b": batch, "n": steps}
+        for key, env in (("training_peak", MEMORY_ENV), ("tensor_peak", TENSOR_ENV)):
+            peaks = []
+            for _ in range(repeats):
+                out = subprocess.run(
+                    [sys.executable, os.path.abspath(__file__), "--memory-child", variant, str(batch), str(steps),
+                     str(4 * n * b)],  # the same samples for every row: 4 updates of n*b
+                    stdout=subprocess.PIPE, universal_newlines=True, check=True, env=env).stdout
+                measured = json.loads(out.strip().splitlines()[-1])
+                peaks.append(measured["training_peak"])
+            row.update({key: float(np.median(peaks)), key + "_runs": peaks, "param_bytes": measured["param_bytes"],
                         "accumulator_bytes": measured["accumulator_bytes"]})
-        print("memory", variant, batch, steps, ["{:.1f}".format(p / 2 ** 20) for p in peaks], flush=True)
-    plain_b = results[0]["training_peak"]
-    for row in results:
-        row["over_plain_b"] = row["training_peak"] - plain_b
-        row["over_plain_b_in_params"] = row["over_plain_b"] / float(row["param_bytes"])
+            print("memory", key, variant, batch, steps, ["{:.1f}".format(p / 2 ** 20) for p in peaks], flush=True)
+        results.append(row)
+    for key, over in (("training_peak", "over_plain_b"), ("tensor_peak", "tensor_over_plain_b")):
+        for row in results:
+            row[over] = row[key] - results[0][key]
+            row[over + "_in_params"] = row[over] / float(row["param_bytes"])
     return results
 
 
@@ -540,11 +560,16 @@ def targets(runs):
         if memory:
             for row in memory:
                 if row["n"] > 1 and row["variant"].startswith("gradaccum"):
-                    lines.append("- {}: {} adds at most {}x the parameter bytes over plain at b: {} ({:.2f}x).".format(
-                        run["label"], row["variant"], MEMORY_TARGET,
-                        _verdict(row["over_plain_b_in_params"] <= MEMORY_TARGET), row["over_plain_b_in_params"]))
-            others = ["{} {:.2f}x".format(row["variant"], row["over_plain_b_in_params"]) for row in memory
-                      if row["n"] > 1 and not row["variant"].startswith("gradaccum")]
+                    for what, key in (("peak RSS", "over_plain_b_in_params"),
+                                      ("peak tensor bytes", "tensor_over_plain_b_in_params")):
+                        if key in row:
+                            lines.append("- {}: {} adds at most {}x the parameter bytes over plain at b ({}): {} "
+                                         "({:.2f}x).".format(run["label"], row["variant"], MEMORY_TARGET, what,
+                                                             _verdict(row[key] <= MEMORY_TARGET), row[key]))
+            others = ["{} {:.2f}x{}".format(row["variant"], row["over_plain_b_in_params"],
+                                            " (tensors {:.2f}x)".format(row["tensor_over_plain_b_in_params"])
+                                            if "tensor_peak" in row else "")
+                      for row in memory if row["n"] > 1 and not row["variant"].startswith("gradaccum")]
             if others:
                 lines.append("- {}: for comparison, the alternatives add {}.".format(run["label"], ", ".join(others)))
     return lines + [""]
@@ -591,7 +616,7 @@ def merge(out):
             first = run["throughput"][0]
             lines += ["Throughput, samples/s at micro-batch b={}: every variant of a model and n takes one "
                       "micro-step in turn, in a new random order each step, {} steps a round, {} rounds, after a trace and a "
-                      "warm-up. A round's figure is the variant's median step time; samples/s is from the median "
+                      "warm-up. A round's figure is the variant's median time per micro-batch over its windows of n steps (each holds one update); samples/s is from the median "
                       "round; spread = (slowest - fastest) / fastest round. Ratios (speed over plain training, and "
                       "over the floor: gradients only, never applied) are taken within each round; the median "
                       "round's, with their spread. `loop:` rows are custom training loops (a tf.function step per "
@@ -623,6 +648,20 @@ def merge(out):
                                      row["accumulator_bytes"] / float(row["param_bytes"]))
                                  if row["accumulator_bytes"] else "-", **row))
             lines.append("")
+            if "tensor_peak" in run["memory"][0]:
+                lines += ["The same, counted by TensorFlow: the peak of the bytes its tensors hold during `fit` "
+                          "less those held before it (its BFC allocator's count on the CPU, "
+                          "TF_CPU_ALLOCATOR_USE_BFC=true; no malloc, no graphs), the median of {} fresh "
+                          "processes.".format(len(run["memory"][0]["tensor_peak_runs"])), "",
+                          "| variant | b | n | tensor peak (MiB), runs | over plain at b (MiB) | in parameter bytes |",
+                          "|---|---|---|---|---|---|"]
+                for row in run["memory"]:
+                    lines.append("| {variant} | {b} | {n} | {mib:.1f} ({runs}) | {over:+.1f} | "
+                                 "{tensor_over_plain_b_in_params:.2f}x |".format(
+                                     mib=row["tensor_peak"] / 2 ** 20, over=row["tensor_over_plain_b"] / 2 ** 20,
+                                     runs=", ".join("{:.1f}".format(p / 2 ** 20) for p in row["tensor_peak_runs"]),
+                                     **row))
+                lines.append("")
         if run.get("convergence"):
             conv = run["convergence"]
             lines += ["Convergence: max |w_acc - w_big| = {:.3g} ({:.3g} of the weight change); plot: {}.".format(
