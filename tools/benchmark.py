@@ -233,10 +233,15 @@ def step_runner(name, made, batches):
     return lambda: train_function(iterator)
 
 
-def window_median(step_times, n):
-    """The median over windows (n consecutive steps) of their time per step."""
+def round_medians(step_times, n, rounds):
+    """Each round's median, over its windows (n consecutive steps), of their time per step.
+
+    Window k belongs to round k mod `rounds`: the rounds interleave, each
+    spans the whole timed run, and a drift of the machine's speed reaches
+    every round alike. Their spread is then the figure's own repeatability.
+    """
     windows = np.asarray(step_times[:len(step_times) // n * n]).reshape(-1, n).mean(axis=1)
-    return float(np.median(windows))
+    return [float(np.median(windows[r::rounds])) for r in range(rounds)]
 
 
 def spread(values):
@@ -244,8 +249,9 @@ def spread(values):
     return (max(values) - min(values)) / min(values)
 
 
-# Micro-steps per variant and round: about 0.6 s on one core of a 2-core CPU.
-STEPS = {"mlp": 200, "cnn": 32}
+# Micro-steps per variant and round: about 0.6 s (MLP) and 1.5 s (CNN) on one
+# core of a 2-core CPU; 25 and 6 windows of n = 8 a round.
+STEPS = {"mlp": 200, "cnn": 48}
 
 
 def throughput(args):
@@ -253,13 +259,14 @@ def throughput(args):
 
     For each model and n, every variant is traced and warmed up (a `fit`
     epoch, then 2n steps), then the variants take one micro-step each in a
-    random order, for STEPS steps a round: a drift of the machine's speed
-    reaches every variant alike. A first round settles the process and is
-    not counted. A round's figure is a variant's median time per micro-batch
-    over its windows: each n consecutive steps of a variant hold exactly one
-    update, so the update's cost is counted, shared by its n micro-batches
-    (a median of single steps would skip it whenever n > 2). Its ratios to
-    plain and to the floor are taken within the round.
+    random order, step after step: a drift of the machine's speed reaches
+    every variant alike. STEPS steps settle the process and are not counted;
+    then rounds x STEPS are timed. A variant's windows (each n consecutive
+    steps, which hold exactly one update, so the update's cost is counted,
+    shared by its n micro-batches; a median of single steps would skip it
+    whenever n > 2) are dealt to the rounds in turn (`round_medians`), and a
+    round's figure is its median time per micro-batch. Ratios to plain and
+    to the floor are taken within each round, over the same windows of time.
     """
     keras = _keras()
     tf = _tf()
@@ -285,13 +292,12 @@ def throughput(args):
                     runs[name]()
             names = list(runs)
             shuffle = np.random.RandomState(0)
-            medians = {name: [] for name in runs}
-            for round_ in range(rounds + 1):  # (the first settles the process, and is not counted)
+            for part in ("settle", "timed"):  # (the first settles the process, and is not counted)
                 times = {name: [] for name in runs}
                 gc.collect()
                 gc.disable()
                 try:
-                    for step in range(steps):
+                    for step in range(steps if part == "settle" else rounds * steps):
                         # A new order every step: each variant follows every
                         # other (whose memory traffic leaves the caches as it
                         # does), not always the same one.
@@ -301,9 +307,7 @@ def throughput(args):
                             times[name].append(time.perf_counter() - start)
                 finally:
                     gc.enable()
-                for name, measured in times.items():
-                    if round_:
-                        medians[name].append(window_median(measured, n))
+            medians = {name: round_medians(measured, n, rounds) for name, measured in times.items()}
             for name, measured in medians.items():
                 row = {"model": model_name, "n": n, "b": b, "variant": name, "rounds": rounds,
                        "steps_per_round": steps, "round_medians_s": measured,
@@ -402,7 +406,7 @@ def memory(args):
         row = {"variant": variant, "b": batch, "n": steps}
         for key, env in (("training_peak", MEMORY_ENV), ("tensor_peak", TENSOR_ENV)):
             peaks = []
-            for _ in range(repeats):
+            for _ in range(repeats if key == "training_peak" else 3):  # (tensor counts vary less)
                 out = subprocess.run(
                     [sys.executable, os.path.abspath(__file__), "--memory-child", variant, str(batch), str(steps),
                      str(4 * n * b)],  # the same samples for every row: 4 updates of n*b
@@ -615,12 +619,14 @@ def merge(out):
         if run.get("throughput"):
             first = run["throughput"][0]
             lines += ["Throughput, samples/s at micro-batch b={}: every variant of a model and n takes one "
-                      "micro-step in turn, in a new random order each step, {} steps a round, {} rounds, after a trace and a "
-                      "warm-up. A round's figure is the variant's median time per micro-batch over its windows of n steps (each holds one update); samples/s is from the median "
-                      "round; spread = (slowest - fastest) / fastest round. Ratios (speed over plain training, and "
+                      "micro-step in turn, in a new random order each step, {} x {} steps after a trace, a "
+                      "warm-up and as many steps again to settle. A variant's windows of n steps (each holds "
+                      "one update) are dealt to the {} rounds in turn, so each round spans the whole run; a "
+                      "round's figure is its median time per micro-batch, samples/s is from the median round, "
+                      "spread = (slowest - fastest) / fastest round. Ratios (speed over plain training, and "
                       "over the floor: gradients only, never applied) are taken within each round; the median "
                       "round's, with their spread. `loop:` rows are custom training loops (a tf.function step per "
-                      "micro-batch).".format(first["b"], first["steps_per_round"], first["rounds"]), "",
+                      "micro-batch).".format(first["b"], first["rounds"], first["steps_per_round"], first["rounds"]), "",
                       "| model | n | variant | samples/s | spread | vs plain (spread) | vs floor (spread) |",
                       "|---|---|---|---|---|---|---|"]
             for row in run["throughput"]:
