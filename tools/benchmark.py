@@ -233,15 +233,25 @@ def step_runner(name, made, batches):
     return lambda: train_function(iterator)
 
 
-def round_medians(step_times, n, rounds):
-    """Each round's median, over its windows (n consecutive steps), of their time per step.
+def round_figures(step_times, n, rounds, trim=0.2):
+    """Each round's time per step over its windows (n consecutive steps): their trimmed mean.
 
     Window k belongs to round k mod `rounds`: the rounds interleave, each
     spans the whole timed run, and a drift of the machine's speed reaches
     every round alike. Their spread is then the figure's own repeatability.
+    The mean of the middle 60% of a round's windows, not their median: a
+    machine that ran slow for part of the run gives each round the same mix
+    of slow and fast windows, whose mean every round shares, while their
+    median jumps between the two (measured: spreads up to 6.7% with the
+    median, in a run where the rounds' windows came from the same stretch).
     """
     windows = np.asarray(step_times[:len(step_times) // n * n]).reshape(-1, n).mean(axis=1)
-    return [float(np.median(windows[r::rounds])) for r in range(rounds)]
+    figures = []
+    for r in range(rounds):
+        mine = np.sort(windows[r::rounds])
+        cut = int(len(mine) * trim)
+        figures.append(float(mine[cut:len(mine) - cut].mean()))
+    return figures
 
 
 def spread(values):
@@ -264,9 +274,10 @@ def throughput(args):
     then rounds x STEPS are timed. A variant's windows (each n consecutive
     steps, which hold exactly one update, so the update's cost is counted,
     shared by its n micro-batches; a median of single steps would skip it
-    whenever n > 2) are dealt to the rounds in turn (`round_medians`), and a
-    round's figure is its median time per micro-batch. Ratios to plain and
-    to the floor are taken within each round, over the same windows of time.
+    whenever n > 2) are dealt to the rounds in turn, and a round's figure
+    is its trimmed mean time per micro-batch (`round_figures`). Ratios to
+    plain and to the floor are taken within each round, over the same
+    windows of time.
     """
     keras = _keras()
     tf = _tf()
@@ -307,7 +318,7 @@ def throughput(args):
                             times[name].append(time.perf_counter() - start)
                 finally:
                     gc.enable()
-            medians = {name: round_medians(measured, n, rounds) for name, measured in times.items()}
+            medians = {name: round_figures(measured, n, rounds) for name, measured in times.items()}
             for name, measured in medians.items():
                 row = {"model": model_name, "n": n, "b": b, "variant": name, "rounds": rounds,
                        "steps_per_round": steps, "round_medians_s": measured,
@@ -622,7 +633,8 @@ def merge(out):
                       "micro-step in turn, in a new random order each step, {} x {} steps after a trace, a "
                       "warm-up and as many steps again to settle. A variant's windows of n steps (each holds "
                       "one update) are dealt to the {} rounds in turn, so each round spans the whole run; a "
-                      "round's figure is its median time per micro-batch, samples/s is from the median round, "
+                      "round's figure is its time per micro-batch, the mean of its middle 60% of windows; "
+                      "samples/s is from the median round, "
                       "spread = (slowest - fastest) / fastest round. Ratios (speed over plain training, and "
                       "over the floor: gradients only, never applied) are taken within each round; the median "
                       "round's, with their spread. `loop:` rows are custom training loops (a tf.function step per "
