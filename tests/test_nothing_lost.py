@@ -91,7 +91,14 @@ def test_an_empty_dataset_does_what_plain_keras_does():
     if isinstance(plain[0], type):
         assert accumulated == plain
         return
-    assert accumulated[1] == plain[1]
+    # Keras 3 runs the optimizer's counter in each call of its train
+    # function even when the data ran out at once (plain: 2 for 2 epochs,
+    # with no weight moved). gradaccum counts the updates it applied: none.
+    # Its window's counters move only with a micro-batch's gradients (they
+    # moved without, before `_write_or_add`, and the count matched plain's).
+    assert accumulated[1] == 0, (accumulated[1], plain[1])
+    for got, want in zip(plain[0], initial):
+        np.testing.assert_array_equal(got, want)
     for got, want in zip(accumulated[0], initial):  # Keras 3 once made them nan here
         np.testing.assert_array_equal(got, want)
 

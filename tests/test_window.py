@@ -65,8 +65,8 @@ def test_weighted_mean_over_micro_batches_of_8_8_3_6_is_applied_once_on_the_4th_
     # 25 samples, not 4 micro-batches and not 32 (4 * 8): the mean of the big batch.
     assert not np.allclose(recorder.calls[0]["v:0"], np.mean(grads, axis=0), rtol=1e-3)
     assert int(window.count.numpy()) == 0 and float(window.weight.numpy()) == 0.0
-    np.testing.assert_array_equal(window._sums[variable_key(v)].numpy(), np.zeros((2, 3), "float32"))
-    # The next window starts from nothing.
+    # The next window starts from nothing (its first micro-batch writes the
+    # sums, which an empty window leaves as they are).
     for g, b in zip(grads[:2], [1, 3]):
         window.accumulate([(tf.constant(g), v)], b, recorder)
     for g, b in zip(grads[2:], [1, 1]):
@@ -316,6 +316,9 @@ def test_sums_saved_under_other_names_are_matched_by_position_or_refused():
 def test_each_add_is_one_fused_pass_over_the_gradient():
     # `total.assign_add(grad * size)` makes the product first: a Mul of the
     # variable's shape in the traced step. The fused scaled add makes none.
+    # The add is one branch of a tf.cond (a window's first micro-batch
+    # writes its sums instead, product and all): the graph's function
+    # library holds the branches.
     v = variable("v", (64, 32))
     window = Window(4)
 
@@ -327,4 +330,24 @@ def test_each_add_is_one_fused_pass_over_the_gradient():
     sized = {op.type for op in graph.get_operations()
              if any(output.shape.as_list() == [64, 32] for output in op.outputs)}
     assert sized == {"Placeholder"}, sized
-    assert "ResourceApplyGradientDescent" in {op.type for op in graph.get_operations()}
+    branches = {function.signature.name: {node.op for node in function.node_def}
+                for function in graph.as_graph_def().library.function}
+    adding = [ops for ops in branches.values() if "ResourceApplyGradientDescent" in ops]
+    assert len(adding) == 1 and "Mul" not in adding[0], branches
+
+
+def test_a_window_starts_afresh_for_a_variable_without_a_gradient_in_its_first_micro_batch():
+    # The first micro-batch writes every sum: w's, which got no gradient
+    # then, is written zeros, so neither the last window's sum of w nor a
+    # skipped window's nan reaches this window's mean.
+    v, w = variable("v", (2, 3)), variable("w", (3,))
+    grads_v, grads_w = gradients((2, 3), 4), gradients((3,), 4)
+    window, recorder = Window(2, skip_nonfinite=True), Recorder()
+    window.accumulate([(tf.constant(grads_v[0]), v), (tf.constant(grads_w[0]), w)], 4, recorder)
+    window.accumulate([(tf.constant(grads_v[1]), v), (tf.constant(np.full(3, np.nan, "float32")), w)], 4, recorder)
+    assert len(recorder.calls) == 0 and int(window.skipped.numpy()) == 1
+    window.accumulate([(tf.constant(grads_v[2]), v), (None, w)], 4, recorder)
+    window.accumulate([(tf.constant(grads_v[3]), v), (tf.constant(grads_w[3]), w)], 2, recorder)
+    assert len(recorder.calls) == 1
+    np.testing.assert_allclose(recorder.calls[0]["v:0"], weighted_mean(grads_v[2:], [4, 2]), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(recorder.calls[0]["w:0"], 2 * grads_w[3] / 6.0, rtol=1e-6, atol=1e-7)
