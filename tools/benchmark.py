@@ -630,7 +630,7 @@ def merge(out):
         if run.get("throughput"):
             first = run["throughput"][0]
             lines += ["Throughput, samples/s at micro-batch b={}: every variant of a model and n takes one "
-                      "micro-step in turn, in a new random order each step, {} x {} steps after a trace, a "
+                      "micro-step in turn, in a new random order each step, {} x ({}) steps after a trace, a "
                       "warm-up and as many steps again to settle. A variant's windows of n steps (each holds "
                       "one update) are dealt to the {} rounds in turn, so each round spans the whole run; a "
                       "round's figure is its time per micro-batch, the mean of its middle 60% of windows; "
@@ -638,7 +638,10 @@ def merge(out):
                       "spread = (slowest - fastest) / fastest round. Ratios (speed over plain training, and "
                       "over the floor: gradients only, never applied) are taken within each round; the median "
                       "round's, with their spread. `loop:` rows are custom training loops (a tf.function step per "
-                      "micro-batch).".format(first["b"], first["rounds"], first["steps_per_round"], first["rounds"]), "",
+                      "micro-batch).".format(first["b"], first["rounds"], ", ".join(
+                          "{} {}".format(steps, model) for model, steps in sorted(set(
+                              (row["model"], row["steps_per_round"]) for row in run["throughput"]))),
+                          first["rounds"]), "",
                       "| model | n | variant | samples/s | spread | vs plain (spread) | vs floor (spread) |",
                       "|---|---|---|---|---|---|---|"]
             for row in run["throughput"]:
