@@ -321,7 +321,7 @@ def throughput(args):
             medians = {name: round_figures(measured, n, rounds) for name, measured in times.items()}
             for name, measured in medians.items():
                 row = {"model": model_name, "n": n, "b": b, "variant": name, "rounds": rounds,
-                       "steps_per_round": steps, "round_medians_s": measured,
+                       "steps_per_round": steps, "round_figures_s": measured,
                        "samples_per_s": b / float(np.median(measured)),
                        "spread": spread(measured)}
                 for against, key in (("plain", "vs_plain"), ("floor", "vs_floor")):
@@ -516,7 +516,7 @@ TIE = 0.02  # the resolution the benchmark is built for
 
 def _paired(ours, theirs):
     """ours' speed over theirs: the median over rounds of their step time over ours, in the same round."""
-    return float(np.median([t / o for o, t in zip(ours["round_medians_s"], theirs["round_medians_s"])]))
+    return float(np.median([t / o for o, t in zip(ours["round_figures_s"], theirs["round_figures_s"])]))
 
 
 def _verdict(met):
@@ -616,6 +616,25 @@ def summary(runs):
     return lines
 
 
+def _memory_table(memory, key, over, accumulators):
+    """results.md's table of one memory measure (`key`: training_peak or tensor_peak), with a blank line after."""
+    title = {"training_peak": "training peak", "tensor_peak": "tensor peak"}[key]
+    lines = ["| variant | b | n | {} (MiB), runs | over plain at b (MiB) | in parameter bytes |{}".format(
+                 title, " accumulator variables |" if accumulators else ""),
+             "|---|---|---|---|---|---|" + ("---|" if accumulators else "")]
+    for row in memory:
+        state = ""
+        if accumulators:
+            state = " {} |".format("{:.2f} MiB = {:.3f}x".format(
+                row["accumulator_bytes"] / 2 ** 20, row["accumulator_bytes"] / float(row["param_bytes"]))
+                if row["accumulator_bytes"] else "-")
+        lines.append("| {} | {} | {} | {:.1f} ({}) | {:+.1f} | {:.2f}x |{}".format(
+            row["variant"], row["b"], row["n"], row[key] / 2 ** 20,
+            ", ".join("{:.1f}".format(p / 2 ** 20) for p in row[key + "_runs"]),
+            row[over] / 2 ** 20, row[over + "_in_params"], state))
+    return lines + [""]
+
+
 def merge(out):
     runs = []
     for path in sorted(glob.glob(os.path.join(out, "benchmark-*.json"))):
@@ -656,33 +675,13 @@ def merge(out):
                       "and compiled state made), the median of {} fresh processes per row; an MLP of {:.1f} MiB "
                       "of float32 parameters whose activations are small.".format(
                           len(run["memory"][0]["training_peak_runs"]), run["memory"][0]["param_bytes"] / 2 ** 20), "",
-                      "| variant | b | n | training peak (MiB), runs | over plain at b (MiB) | in parameter bytes "
-                      "| accumulator variables |",
-                      "|---|---|---|---|---|---|---|"]
-            for row in run["memory"]:
-                lines.append("| {variant} | {b} | {n} | {mib:.1f} ({runs}) | {over:+.1f} | {over_plain_b_in_params:.2f}x "
-                             "| {state} |".format(
-                                 mib=row["training_peak"] / 2 ** 20, over=row["over_plain_b"] / 2 ** 20,
-                                 runs=", ".join("{:.1f}".format(p / 2 ** 20) for p in row["training_peak_runs"]),
-                                 state="{:.2f} MiB = {:.3f}x".format(
-                                     row["accumulator_bytes"] / 2 ** 20,
-                                     row["accumulator_bytes"] / float(row["param_bytes"]))
-                                 if row["accumulator_bytes"] else "-", **row))
-            lines.append("")
+                      ] + _memory_table(run["memory"], "training_peak", "over_plain_b", accumulators=True)
             if "tensor_peak" in run["memory"][0]:
                 lines += ["The same, counted by TensorFlow: the peak of the bytes its tensors hold during `fit` "
                           "less those held before it (its BFC allocator's count on the CPU, "
                           "TF_CPU_ALLOCATOR_USE_BFC=true; no malloc, no graphs), the median of {} fresh "
-                          "processes.".format(len(run["memory"][0]["tensor_peak_runs"])), "",
-                          "| variant | b | n | tensor peak (MiB), runs | over plain at b (MiB) | in parameter bytes |",
-                          "|---|---|---|---|---|---|"]
-                for row in run["memory"]:
-                    lines.append("| {variant} | {b} | {n} | {mib:.1f} ({runs}) | {over:+.1f} | "
-                                 "{tensor_over_plain_b_in_params:.2f}x |".format(
-                                     mib=row["tensor_peak"] / 2 ** 20, over=row["tensor_over_plain_b"] / 2 ** 20,
-                                     runs=", ".join("{:.1f}".format(p / 2 ** 20) for p in row["tensor_peak_runs"]),
-                                     **row))
-                lines.append("")
+                          "processes.".format(len(run["memory"][0]["tensor_peak_runs"])), ""
+                          ] + _memory_table(run["memory"], "tensor_peak", "tensor_over_plain_b", accumulators=False)
         if run.get("convergence"):
             conv = run["convergence"]
             lines += ["Convergence: max |w_acc - w_big| = {:.3g} ({:.3g} of the weight change); plot: {}.".format(
