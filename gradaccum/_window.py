@@ -208,9 +208,8 @@ class Window(object):
         first fused add after them copies them first (measured: that copy
         left the MLP 1.6-3.4% behind gradient-accumulator and Keras 3's own
         accumulation, which allocates on every add instead). A sparse sum is
-        written zeros and then
-        scattered into, and a variable with no gradient in the first
-        micro-batch is written zeros.
+        written zeros and then scattered into, and a variable with no
+        gradient in the first micro-batch is written zeros.
         """
         if not self._sums:
             return tf.no_op()
@@ -448,9 +447,7 @@ class Window(object):
         micro-batch writes them (`_write_or_add`), and nothing reads them
         before.
         """
-        sums = set(id(total) for total in self._sums.values())
-        return tf.group(*[variable.assign(tf.zeros_like(variable)) for variable in self._open_variables()
-                          if id(variable) not in sums])
+        return tf.group(*[variable.assign(tf.zeros_like(variable)) for variable in self._emptied_variables()])
 
     # Mixed precision: how a route trains with a loss scale (Keras'
     # LossScaleOptimizer). Each micro-batch's loss is scaled by scale / n
@@ -491,8 +488,11 @@ class Window(object):
 
     def _open_variables(self):
         """What holds the open window: sums, sparse-row markers, weight and count."""
-        return (list(self._sums.values()) + list(self._rows.values()) + self._pooled_variables()
-                + [self.weight, self.count])
+        return list(self._sums.values()) + self._emptied_variables()
+
+    def _emptied_variables(self):
+        """What `reset` zeroes: the open window less its sums (which its next micro-batch writes)."""
+        return list(self._rows.values()) + self._pooled_variables() + [self.weight, self.count]
 
     def _pooled_variables(self):
         return [var for pooled in self._pooled.values() for var in pooled.variables]

@@ -318,21 +318,21 @@ def throughput(args):
                             times[name].append(time.perf_counter() - start)
                 finally:
                     gc.enable()
-            medians = {name: round_figures(measured, n, rounds) for name, measured in times.items()}
-            for name, measured in medians.items():
+            figures = {name: round_figures(measured, n, rounds) for name, measured in times.items()}
+            for name, measured in figures.items():
                 row = {"model": model_name, "n": n, "b": b, "variant": name, "rounds": rounds,
                        "steps_per_round": steps, "round_figures_s": measured,
                        "samples_per_s": b / float(np.median(measured)),
                        "spread": spread(measured)}
                 for against, key in (("plain", "vs_plain"), ("floor", "vs_floor")):
                     # Within each round: the other's time over this one's.
-                    ratios = [o / t for o, t in zip(medians[against], measured)]
+                    ratios = [o / t for o, t in zip(figures[against], measured)]
                     row[key] = float(np.median(ratios))
                     row[key + "_spread"] = spread(ratios)
                 results.append(row)
             print("throughput", model_name, "n={}".format(n),
                   {k: "{:.0f} ({:.1%})".format(b / np.median(v), spread(v))
-                   for k, v in medians.items()}, flush=True)
+                   for k, v in figures.items()}, flush=True)
     return results
 
 
@@ -417,7 +417,7 @@ def memory(args):
         row = {"variant": variant, "b": batch, "n": steps}
         for key, env in (("training_peak", MEMORY_ENV), ("tensor_peak", TENSOR_ENV)):
             peaks = []
-            for _ in range(repeats if key == "training_peak" else 3):  # (tensor counts vary less)
+            for _ in range(repeats if key == "training_peak" else 3):  # (3 more processes a row, not 5)
                 out = subprocess.run(
                     [sys.executable, os.path.abspath(__file__), "--memory-child", variant, str(batch), str(steps),
                      str(4 * n * b)],  # the same samples for every row: 4 updates of n*b
