@@ -207,8 +207,12 @@ def _check_batch_size(batch_size):
             "AccumOptimizer.apply_gradients: batch_size must be a scalar. Received: a tensor "
             "of shape {}".format(batch_size.shape))
     # A tensor is checked when it runs; 0 is allowed: a replica that got no
-    # samples adds nothing.
+    # samples adds nothing. The check's data are strings only: TF guards an
+    # Assert that holds a float (as assert_non_negative's does) with a
+    # tf.cond, which cost 0.07 ms a micro-step, more than a quarter of what
+    # the window itself costs on the benchmark's MLP.
     weight = tf.cast(batch_size, tf.float32)
-    with tf.control_dependencies([tf.debugging.assert_non_negative(
-            weight, message="AccumOptimizer.apply_gradients: batch_size must be >= 0")]):
+    with tf.control_dependencies([tf.debugging.Assert(weight >= 0.0, [
+            "AccumOptimizer.apply_gradients: batch_size must be >= 0, a number of samples. "
+            "Received: batch_size", tf.strings.as_string(weight, shortest=True)])]):
         return tf.identity(weight)

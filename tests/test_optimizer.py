@@ -307,6 +307,19 @@ def test_a_bad_batch_size_is_refused(batch_size):
         opt.apply_gradients([(tf.constant([1.0]), variable)], batch_size=batch_size)
 
 
+def test_a_negative_batch_size_tensor_is_refused_when_it_runs():
+    variable = tf.Variable([1.0])
+    opt = AccumOptimizer(keras.optimizers.SGD(), 4)
+
+    @tf.function
+    def step(batch_size):
+        opt.apply_gradients([(tf.constant([1.0]), variable)], batch_size=batch_size)
+
+    step(tf.constant(0))  # a replica without samples: allowed
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"batch_size must be >= 0.*Received: batch_size\] \[-3\]"):
+        step(tf.constant(-3))
+
+
 def test_an_accum_optimizer_inside_an_accumulating_model_is_refused():
     x, y = helpers.data(32)
     model = accumulate(helpers.functional_mlp(), 2)
