@@ -307,6 +307,28 @@ def test_a_bad_batch_size_is_refused(batch_size):
         opt.apply_gradients([(tf.constant([1.0]), variable)], batch_size=batch_size)
 
 
+@pytest.mark.core
+def test_made_with_n_1_it_is_the_wrapped_optimizer_and_its_n_stays_1():
+    # The same loop with AccumOptimizer(opt, 1) and with opt: the same
+    # weights to the bit (through the window, each gradient became its
+    # mean, size * g / size, rounded) and the same step count.
+    x, y = helpers.data(80)  # (micro-batches of 12 and a short last one of 8)
+    initial = helpers.weights_of(helpers.functional_mlp())
+    wrapped, wrapped_steps, opt = helpers.train_loop(
+        helpers.functional_mlp, initial, OPTIMIZERS["adam-schedule"], x, y, 12, n=1)
+    plain, plain_steps, _ = helpers.train_loop(helpers.functional_mlp, initial, OPTIMIZERS["adam-schedule"], x, y, 12)
+    assert wrapped_steps == plain_steps == 2 * 7
+    for got, want in zip(wrapped, plain):
+        np.testing.assert_array_equal(got, want)
+    assert not opt._accum_window.built  # (nothing went through a window)
+    opt.n = 1
+    with pytest.raises(ValueError, match=r"made with n=1.*AccumOptimizer\(optimizer, 4\).*Received: n=4"):
+        opt.n = 4
+    grown = AccumOptimizer(keras.optimizers.SGD(), 4)
+    grown.n = 1  # (made with a window, it goes down to 1 and back)
+    grown.n = 4
+
+
 def test_a_negative_batch_size_tensor_is_refused_when_it_runs():
     variable = tf.Variable([1.0])
     opt = AccumOptimizer(keras.optimizers.SGD(), 4)
