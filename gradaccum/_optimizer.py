@@ -45,9 +45,11 @@ class AccumulatingOptimizer(object):
         # custom loop on the benchmark's MLP ran at 0.87 of plain training's
         # speed (the window writes each gradient and forms its mean). A
         # window holds nothing then, so there is none to grow (see the n
-        # setter), skip or clip, and none under a loss scale, whose scaling
-        # the window's path owns.
-        self._accum_direct = n == 1 and not skip_nonfinite and agc is None
+        # setter), skip or clip. A route whose loss scaling the window's path
+        # owns (`_accum_loss_scaling`: the route set its wrapped optimizer
+        # already) keeps the window.
+        self._accum_direct = (n == 1 and not skip_nonfinite and agc is None
+                              and not self._accum_loss_scaling())
 
     @property
     def n(self):
@@ -103,7 +105,7 @@ class AccumulatingOptimizer(object):
                 "AccumOptimizer.apply_gradients: no gradients provided for any variable. "
                 "Received: {}".format([getattr(var, "name", var) for _, var in grads_and_vars]))
         weight = _check_batch_size(batch_size)
-        if self._accum_direct and not self._accum_loss_scaling():
+        if self._accum_direct:
             with tf.control_dependencies([weight]):
                 applied = self._accum_apply(grads_and_vars)
             with tf.control_dependencies([applied] if isinstance(applied, (tf.Operation, tf.Tensor)) else []):

@@ -329,6 +329,14 @@ def test_made_with_n_1_it_is_the_wrapped_optimizer_and_its_n_stays_1():
     grown.n = 4
 
 
+@helpers.keras3_only
+def test_made_with_n_1_around_a_loss_scale_optimizer_it_keeps_its_window_and_can_grow():
+    # Keras 3's route scales the loss through the window, so n = 1 keeps it.
+    opt = AccumOptimizer(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()), 1)
+    opt.n = 4
+    assert opt.n == 4
+
+
 def test_a_negative_batch_size_tensor_is_refused_when_it_runs():
     variable = tf.Variable([1.0])
     opt = AccumOptimizer(keras.optimizers.SGD(), 4)
