@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gradaccum import _compat
+from gradaccum import _compat, _window
 
 
 def pytest_addoption(parser):
@@ -51,6 +51,12 @@ def pytest_configure(config):
         "markers", "errors: bad input and refused runtimes (test_errors), run alone where "
         "gradaccum refuses the installed Keras (GRADACCUM_SUITE=errors)")
     suite()  # a bad GRADACCUM_SUITE is an error before anything runs
+    # The suite's models are small: every sum would be scaled to its mean out
+    # of place (below _window.IN_PLACE_ELEMENTS). Scale them all in place, so
+    # that every exactness test covers the path large models take; test_window
+    # covers both at the library's threshold, and test_long_runs' workers
+    # (fresh processes) train as the library ships.
+    _window.IN_PLACE_ELEMENTS = 0
     if config.getoption("--graph-mode") and not _compat.IS_TF1:
         tf.compat.v1.disable_eager_execution()
     if not _compat.IS_TF1:

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 import helpers
 from gradaccum._compat import variable_key
+from gradaccum import _window
 from gradaccum._window import SUM, Window
 
 helpers.require_mode(eager=True)
@@ -351,3 +352,25 @@ def test_a_window_starts_afresh_for_a_variable_without_a_gradient_in_its_first_m
     assert len(recorder.calls) == 1
     np.testing.assert_allclose(recorder.calls[0]["v:0"], weighted_mean(grads_v[2:], [4, 2]), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(recorder.calls[0]["w:0"], 2 * grads_w[3] / 6.0, rtol=1e-6, atol=1e-7)
+
+
+def test_a_sum_of_in_place_elements_becomes_its_mean_in_place_and_a_smaller_one_out_of_place(monkeypatch):
+    # (conftest scales every sum in place; here at a threshold between the two.)
+    monkeypatch.setattr(_window, "IN_PLACE_ELEMENTS", 6)
+    big, small = variable("big", (2, 3)), variable("small", (5,))
+    grads_big, grads_small = gradients((2, 3), 2), gradients((5,), 2, seed=1)
+    window, recorder = Window(2), Recorder()
+    for g_big, g_small, b in zip(grads_big, grads_small, [8, 3]):
+        window.accumulate([(tf.constant(g_big), big), (tf.constant(g_small), small)], b, recorder)
+    assert len(recorder.calls) == 1
+    np.testing.assert_allclose(recorder.calls[0]["big:0"], weighted_mean(grads_big, [8, 3]), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(recorder.calls[0]["small:0"], weighted_mean(grads_small, [8, 3]), rtol=1e-6, atol=1e-7)
+    # Where each mean was made: the large sum's memory now holds its mean,
+    # the small sum is left as it was.
+    np.testing.assert_array_equal(window._sums[variable_key(big)].numpy(), recorder.calls[0]["big:0"])
+    np.testing.assert_allclose(window._sums[variable_key(small)].numpy(), 8 * grads_small[0] + 3 * grads_small[1],
+                               rtol=1e-6, atol=1e-6)
+    # The next window writes its sums afresh over the mean.
+    for g_big, g_small, b in zip(grads_big[::-1], grads_small[::-1], [1, 1]):
+        window.accumulate([(tf.constant(g_big), big), (tf.constant(g_small), small)], b, recorder)
+    np.testing.assert_allclose(recorder.calls[1]["big:0"], np.mean(grads_big, axis=0), rtol=1e-6, atol=1e-7)
