@@ -23,9 +23,9 @@ garbage collector kept out of the timed rounds; each variant is several model
 instances, whose windows every round holds alike (`INSTANCES`). Each is
 reported as the median of its rounds with its spread, and as ratios to plain
 training and to the floor taken within each round: a lone absolute time on a
-shared machine is not a result. Memory is the peak of training itself (the data and model
-exist before it and are not counted), one configuration per fresh process,
-the median of several. Convergence overlays the loss curves of accumulation
+shared machine is not a result. Memory is the peak of training itself (the
+data and model exist before it and are not counted), one configuration per
+fresh process, the median of several. Convergence overlays the loss curves of accumulation
 (b, n), the big batch n*b and plain b, and prints the max weight difference.
 `results.md` ends with a summary per environment and each target stated as
 met or missed, with its figures.
@@ -97,10 +97,23 @@ def data(model_name, samples, seed=0):
 
 # ---------------------------------------------------------------- variants
 
+def gradients(keras, model, x, y):
+    """The gradients of the mean cross-entropy on (x, y): what every variant's step computes first."""
+    tf = _tf()
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+            y, model(x, training=True), from_logits=True))
+    return tape.gradient(loss, model.trainable_variables)
+
+
+def reduced(grads):
+    """The floor's use of the gradients: one number, so that nothing is applied and nothing pruned."""
+    tf = _tf()
+    return tf.add_n([tf.reduce_sum(g) for g in grads])
+
+
 def floor_model(keras, model):
     """`model` whose training step computes the gradients and reduces them to one number."""
-    tf = _tf()
-
     class Floor(keras.Model):
         def __init__(self, inner):
             super().__init__()
@@ -110,12 +123,7 @@ def floor_model(keras, model):
             return self.inner(inputs, training=training)
 
         def train_step(self, batch):
-            x, y = batch[0], batch[1]
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
-                    y, self.inner(x, training=True), from_logits=True))
-            grads = tape.gradient(loss, self.inner.trainable_variables)
-            return {"g": tf.add_n([tf.reduce_sum(g) for g in grads])}
+            return {"g": reduced(gradients(keras, self.inner, batch[0], batch[1]))}
 
     return Floor(model)
 
@@ -186,15 +194,12 @@ def loop_variants(keras):
     """
     tf = _tf()
     from gradaccum import AccumOptimizer
+    from gradaccum._window import _add_scaled
 
     def step_for(model, opt):
         @tf.function
         def step(x, y):
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
-                    y, model(x, training=True), from_logits=True))
-            grads = tape.gradient(loss, model.trainable_variables)
-            pairs = zip(grads, model.trainable_variables)
+            pairs = zip(gradients(keras, model, x, y), model.trainable_variables)
             if isinstance(opt, AccumOptimizer):
                 opt.apply_gradients(pairs, batch_size=tf.shape(x)[0])
             else:
@@ -204,10 +209,7 @@ def loop_variants(keras):
     def floor_for(model):
         @tf.function
         def step(x, y):  # the loop's own floor: its gradients, reduced to one number, never applied
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
-                    y, model(x, training=True), from_logits=True))
-            return tf.add_n([tf.reduce_sum(g) for g in tape.gradient(loss, model.trainable_variables)])
+            return reduced(gradients(keras, model, x, y))
         return step
 
     def bound_for(model, n):
@@ -225,15 +227,11 @@ def loop_variants(keras):
 
         @tf.function
         def step(x, y, first, last):
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
-                    y, model(x, training=True), from_logits=True))
-            grads = tape.gradient(loss, variables)
-            for total, grad in zip(sums, grads):
+            for total, grad in zip(sums, gradients(keras, model, x, y)):
                 if first:
                     total.assign(grad, read_value=False)
-                else:
-                    tf.raw_ops.ResourceApplyGradientDescent(var=total.handle, alpha=tf.constant(-1.0), delta=grad)
+                else:  # (gradaccum's own fused add, with a weight of 1)
+                    _add_scaled(total, grad, tf.constant(1.0))
             if last:
                 opt.apply_gradients([(total * (1.0 / n), v) for total, v in zip(sums, variables)])
 
@@ -389,10 +387,11 @@ def throughput(args):
                         # A new order every step: each variant follows every
                         # other (whose memory traffic leaves the caches as it
                         # does), not always the same one.
-                        run_step = {name: runs[name][instance_of(step, n, rounds)] for name in names}
+                        instance = instance_of(step, n, rounds)
                         for name in shuffle.permutation(names):
+                            run_step = runs[name][instance]
                             start = time.perf_counter()
-                            run_step[name]()
+                            run_step()
                             times[name].append(time.perf_counter() - start)
                 finally:
                     gc.enable()
