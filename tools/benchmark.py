@@ -281,15 +281,15 @@ def step_runner(name, made, batches):
     return lambda: train_function(iterator)
 
 
-def instance_of(step, n, rounds):
+def instance_of(step, n, rounds, instances):
     """Which of a variant's instances takes micro-step `step`: its window's, dealt in turn to each round.
 
     Window k (steps k*n to k*n + n - 1, one update) belongs to round
-    k mod `rounds` and to instance (k // rounds) mod INSTANCES: every round
+    k mod `rounds` and to instance (k // rounds) mod `instances`: every round
     holds every instance's windows, the same number of each when a round's
-    windows are a multiple of INSTANCES.
+    windows are a multiple of `instances`.
     """
-    return (step // n // rounds) % INSTANCES
+    return (step // n // rounds) % instances
 
 
 def round_figures(step_times, n, rounds, trim=0.2):
@@ -325,21 +325,24 @@ def spread(values):
 # 5.0-6.1%, all on the CNN.)
 STEPS = {"mlp": 192, "cnn": 72}
 # Model instances per variant (each built, traced and warmed up on its own).
-# Identical instances of one variant train at speeds that differ by up to 5%
-# for as long as they live (measured: 6 instances of plain training on the
-# CNN, stepped in turn: one at 1.04-1.05 of the rest, the rest within 1%,
-# whichever one it was in each process; the same with identical initial
-# weights, one shared data iterator, TF's BFC allocator or oneDNN off, and
-# re-tracing moved it to other instances). One instance per variant made
-# two identical variants differ by 0.95-1.05. Each round pools all
-# instances' windows, so the offset is averaged into every round alike.
-INSTANCES = 3
+# Each traced training function runs at its own speed for as long as it
+# lives: six traces of one step function over one model and its variables,
+# stepped in turn, ran at 1.044, 1.040 and 0.996-1.001 of their median on
+# the CNN, and reassigning every variable to a new buffer left that as it
+# was. It follows where the buffers of oneDNN's kernels land in the heap:
+# with oneDNN off, or with every buffer over 128 KiB mapped on its own
+# (page-aligned), the six ran within 1%; neither is used here (oneDNN is what
+# users run, and mapping every buffer made the steps 6-26% slower). Six CNN
+# instances with models of their own: one at 1.034-1.046, the rest within
+# 0.6%. Each round pools all instances' windows, so the offsets are averaged
+# into every round alike, over more instances where they are larger.
+INSTANCES = {"mlp": 6, "cnn": 9}
 
 
 def throughput(args):
     """Steady-state step time of every variant, stepped in turn, step by step.
 
-    For each model and n, INSTANCES models of every variant are traced and
+    For each model and n, INSTANCES[model] models of every variant are traced and
     warmed up (a `fit` epoch of 2n steps, then 2n steps), then the variants
     take one micro-step each in a random order, step after step: a drift of
     the machine's speed reaches every variant alike; which instance of a
@@ -366,7 +369,7 @@ def throughput(args):
             runs = {}
             for name, make in list(found.items()) + list(loops.items()):
                 runs[name] = []
-                for _ in range(INSTANCES):
+                for _ in range(INSTANCES[model_name]):
                     made = make(MODELS[model_name](keras), n)
                     if name in loops:
                         for xb, yb in batches.take(n):  # trace
@@ -387,7 +390,7 @@ def throughput(args):
                         # A new order every step: each variant follows every
                         # other (whose memory traffic leaves the caches as it
                         # does), not always the same one.
-                        instance = instance_of(step, n, rounds)
+                        instance = instance_of(step, n, rounds, INSTANCES[model_name])
                         for name in shuffle.permutation(names):
                             run_step = runs[name][instance]
                             start = time.perf_counter()
@@ -398,7 +401,7 @@ def throughput(args):
             figures = {name: round_figures(measured, n, rounds) for name, measured in times.items()}
             for name, measured in figures.items():
                 row = {"model": model_name, "n": n, "b": b, "variant": name, "rounds": rounds,
-                       "instances": INSTANCES, "steps_per_round": steps, "round_figures_s": measured,
+                       "instances": INSTANCES[model_name], "steps_per_round": steps, "round_figures_s": measured,
                        "samples_per_s": b / float(np.median(measured)),
                        "spread": spread(measured)}
                 for against, key in (("plain", "vs_plain"), ("floor", "vs_floor")):
@@ -759,7 +762,7 @@ def merge(out):
                       "micro-step in turn, in a new random order each step, {} x ({}) steps after a trace, a "
                       "warm-up and as many steps again to settle. A variant's windows of n steps (each holds "
                       "one update) are dealt to the {} rounds in turn, so each round spans the whole run, and "
-                      "to its {} model instances in turn within each round (identical instances differ in speed "
+                      "to its model instances ({}) in turn within each round (identical instances differ in speed "
                       "by up to 5% for as long as they live); a "
                       "round's figure is its time per micro-batch, the mean of its middle 60% of windows; "
                       "samples/s is from the median round, "
@@ -770,7 +773,9 @@ def merge(out):
                       "accumulation does there (the gradients, one fused add, the update every n-th step).".format(first["b"], first["rounds"], ", ".join(
                           "{} {}".format(steps, model) for model, steps in sorted(set(
                               (row["model"], row["steps_per_round"]) for row in run["throughput"]))),
-                          first["rounds"], first.get("instances", 1)), "",
+                          first["rounds"], ", ".join(
+                              "{} {}".format(count, model) for model, count in sorted(set(
+                                  (row["model"], row.get("instances", 1)) for row in run["throughput"])))), "",
                       "| model | n | variant | samples/s | spread | vs plain (spread) | vs floor (spread) |",
                       "|---|---|---|---|---|---|---|"]
             for row in run["throughput"]:
@@ -778,9 +783,10 @@ def merge(out):
                              "({vs_plain_spread:.1%}) | {vs_floor:.3f} ({vs_floor_spread:.1%}) |".format(**row))
             lines.append("")
         if run.get("memory"):
-            if run.get("memory_environment"):  # (a later memory run, spliced into this one)
-                lines += ["Memory measured again in a run of its own ({date}, TensorFlow {tensorflow}), on the "
-                          "code after the throughput run.".format(**run["memory_environment"]), ""]
+            if run.get("memory_environment"):  # (another run's memory figures, spliced into this one)
+                lines += ["Memory (and convergence, where shown) measured in a run of its own ({date}, TensorFlow "
+                          "{tensorflow}): {why}".format(**dict(
+                              {"why": "on the code after the throughput run."}, **run["memory_environment"])), ""]
             lines += ["Training's own peak memory: peak RSS during `fit` less the RSS just before it (data, model "
                       "and compiled state made), the median of {} fresh processes per row; an MLP of {:.1f} MiB "
                       "of float32 parameters whose activations are small.".format(
