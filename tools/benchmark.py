@@ -363,13 +363,14 @@ def throughput(args):
     results = []
     for model_name in args.models.split(","):
         steps = STEPS[model_name] // (4 if args.quick else 1)
+        instances = INSTANCES[model_name]
         x, y = data(model_name, 64 * b)
         batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(b).cache().repeat()
         for n in NS:
             runs = {}
             for name, make in list(found.items()) + list(loops.items()):
                 runs[name] = []
-                for _ in range(INSTANCES[model_name]):
+                for _ in range(instances):
                     made = make(MODELS[model_name](keras), n)
                     if name in loops:
                         for xb, yb in batches.take(n):  # trace
@@ -390,7 +391,7 @@ def throughput(args):
                         # A new order every step: each variant follows every
                         # other (whose memory traffic leaves the caches as it
                         # does), not always the same one.
-                        instance = instance_of(step, n, rounds, INSTANCES[model_name])
+                        instance = instance_of(step, n, rounds, instances)
                         for name in shuffle.permutation(names):
                             run_step = runs[name][instance]
                             start = time.perf_counter()
@@ -401,7 +402,7 @@ def throughput(args):
             figures = {name: round_figures(measured, n, rounds) for name, measured in times.items()}
             for name, measured in figures.items():
                 row = {"model": model_name, "n": n, "b": b, "variant": name, "rounds": rounds,
-                       "instances": INSTANCES[model_name], "steps_per_round": steps, "round_figures_s": measured,
+                       "instances": instances, "steps_per_round": steps, "round_figures_s": measured,
                        "samples_per_s": b / float(np.median(measured)),
                        "spread": spread(measured)}
                 for against, key in (("plain", "vs_plain"), ("floor", "vs_floor")):
@@ -745,6 +746,12 @@ def _memory_table(memory, key, over, accumulators):
     return lines + [""]
 
 
+def _per_model(rows, key):
+    """"72 cnn, 192 mlp": each model's value of `key` in throughput rows (1 where a run lacks it)."""
+    return ", ".join("{} {}".format(value, model) for model, value in sorted(set(
+        (row["model"], row.get(key, 1)) for row in rows)))
+
+
 def merge(out):
     runs = []
     for path in sorted(glob.glob(os.path.join(out, "benchmark-*.json"))):
@@ -770,12 +777,8 @@ def merge(out):
                       "over the floor: gradients only, never applied) are taken within each round; the median "
                       "round's, with their spread. `loop:` rows are custom training loops (a tf.function step per "
                       "micro-batch); `loop: floor` is that loop's gradients alone, `loop: bound` the least an exact "
-                      "accumulation does there (the gradients, one fused add, the update every n-th step).".format(first["b"], first["rounds"], ", ".join(
-                          "{} {}".format(steps, model) for model, steps in sorted(set(
-                              (row["model"], row["steps_per_round"]) for row in run["throughput"]))),
-                          first["rounds"], ", ".join(
-                              "{} {}".format(count, model) for model, count in sorted(set(
-                                  (row["model"], row.get("instances", 1)) for row in run["throughput"])))), "",
+                      "accumulation does there (the gradients, one fused add, the update every n-th step).".format(first["b"], first["rounds"], _per_model(run["throughput"], "steps_per_round"),
+                          first["rounds"], _per_model(run["throughput"], "instances")), "",
                       "| model | n | variant | samples/s | spread | vs plain (spread) | vs floor (spread) |",
                       "|---|---|---|---|---|---|---|"]
             for row in run["throughput"]:
