@@ -140,7 +140,7 @@ class AccumOptimizer(_V1Optimizer):
             raise ValueError(
                 "AccumOptimizer: no gradients provided for any variable. Received: {}".format(
                     [var.name for _, var in grads_and_vars]))
-        window = Window(self._n, skip_nonfinite=self._skip_nonfinite, **self._agc)
+        window = Window(self._n, skip_nonfinite=self._skip_nonfinite, epochs=False, **self._agc)
         self._windows.append(window)
         if self._micro_batch_size is None:
             batch_size = tf.constant(1.0)

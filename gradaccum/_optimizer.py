@@ -39,7 +39,10 @@ class AccumulatingOptimizer(object):
 
     def _init_accumulation(self, n, reduction, skip_nonfinite, agc=None, agc_eps=1e-3):
         self._accum_n = n
-        self._accum_window = Window(n, reduction, skip_nonfinite, agc=agc, agc_eps=agc_eps)
+        # (Its owner never announces epochs: a custom loop's, or Keras' fit's,
+        # windows run on across epochs.)
+        self._accum_window = Window(n, reduction, skip_nonfinite, agc=agc, agc_eps=agc_eps,
+                                    epochs=False)
         # Made with n = 1, apply_gradients is the wrapped optimizer's, as
         # `accumulate(model, 1)` is Keras' own step: through the window, a
         # custom loop on the benchmark's MLP ran at 0.87 of plain training's
@@ -228,12 +231,15 @@ def _check_batch_size(batch_size):
             "AccumOptimizer.apply_gradients: batch_size must be a scalar. Received: a tensor "
             "of shape {}".format(batch_size.shape))
     # A tensor is checked when it runs; 0 is allowed: a replica that got no
-    # samples adds nothing. The check's data are strings only: TF guards an
-    # Assert that holds a float (as assert_non_negative's does) with a
-    # tf.cond (measured alone, on the benchmark's MLP: the wrapper's
+    # samples adds nothing. The check's data are strings and int32 only: TF
+    # guards an Assert that holds a float (as assert_non_negative's does)
+    # with a tf.cond (measured alone, on the benchmark's MLP: the wrapper's
     # micro-step cost over the bare window's fell from 0.073 to 0.021 ms).
+    # An int32 size (tf.shape's, the usual one) is shown as it is, which
+    # spares a string conversion every micro-step; others as a string.
     weight = tf.cast(batch_size, tf.float32)
+    shown = batch_size if batch_size.dtype == tf.int32 else tf.strings.as_string(weight, shortest=True)
     with tf.control_dependencies([tf.debugging.Assert(weight >= 0.0, [
             "AccumOptimizer.apply_gradients: batch_size must be >= 0, a number of samples. "
-            "Received: batch_size", tf.strings.as_string(weight, shortest=True)])]):
+            "Received: batch_size", shown])]):
         return tf.identity(weight)

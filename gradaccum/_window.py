@@ -72,10 +72,14 @@ class Window(object):
             (see `apply`) instead of applying it as the big batch would.
         agc, agc_eps: Adaptive clipping of the mean (`adaptive_clip`) with
             clip factor `agc`, None for none.
+        epochs: Whether the owner announces epochs (`epoch_start_values`),
+            as the model route does. An owner that never does (the optimizer
+            wrappers) spares each micro-step the epoch's counting and test.
     """
 
-    def __init__(self, n, reduction=MEAN, skip_nonfinite=False, agc=None, agc_eps=1e-3):
+    def __init__(self, n, reduction=MEAN, skip_nonfinite=False, agc=None, agc_eps=1e-3, epochs=True):
         self.n = n  # (the variable `n_variable` is what the training graph reads)
+        self.epochs = epochs
         self.reduction = reduction
         self.skip_nonfinite = skip_nonfinite
         self.agc = agc  # None, or the clip factor of adaptive clipping of the mean
@@ -193,8 +197,9 @@ class Window(object):
             weighted[variable_key(var)] = (grad, tf.cast(weight, total.dtype))
         updates.append(self._write_or_add(weighted))
         with tf.control_dependencies(updates):  # (graph mode: the count is read first)
-            updates += [self.weight.assign_add(weight), self.count.assign_add(1),
-                        self.epoch_step.assign_add(1)]
+            updates += [self.weight.assign_add(weight), self.count.assign_add(1)]
+            if self.epochs:
+                updates.append(self.epoch_step.assign_add(1))
         return tf.group(*updates)
 
     def _write_or_add(self, weighted):
@@ -240,16 +245,20 @@ class Window(object):
 
         return tf.cond(tf.equal(self.count, 0), write, add)
 
-    def due(self):
+    def due(self, added=False):
         """True when the open window must be applied now.
 
         That is when it holds n micro-batches, or when it holds the last
-        micro-batch of an epoch whose length the route announced.
+        micro-batch of an epoch whose length the route announced. `added`:
+        a micro-batch was just added, so the window is not empty (one test
+        less a micro-step).
         """
-        full = self.count >= self.n_variable
-        epoch_over = tf.logical_and(
-            self.epoch_steps > 0, self.epoch_step >= self.epoch_steps)
-        return tf.logical_and(self.count > 0, tf.logical_or(full, epoch_over))
+        due = self.count >= self.n_variable
+        if self.epochs:
+            epoch_over = tf.logical_and(
+                self.epoch_steps > 0, self.epoch_step >= self.epoch_steps)
+            due = tf.logical_or(due, epoch_over)
+        return due if added else tf.logical_and(self.count > 0, due)
 
     def mean(self):
         """(gradient, variable) pairs of the window's size-weighted mean gradient.
@@ -312,7 +321,7 @@ class Window(object):
         grads_and_vars = list(grads_and_vars)
         self.build([var for grad, var in grads_and_vars if grad is not None])
         with tf.control_dependencies([self.add(grads_and_vars, batch_size)] + list(adds)):
-            due = self.due()
+            due = self.due(added=True)
         return self._apply_if(due, apply_fn)
 
     def add_moments(self, layer, x, axes, bessel, moments=None, call=0):
@@ -565,6 +574,9 @@ class Window(object):
         `steps` None means unknown, or not wanted (the "carry" policy). The
         caller assigns them the way its mode allows (eagerly, or in a session).
         """
+        if not self.epochs:
+            raise ValueError("gradaccum: this window was made with epochs=False: its training "
+                             "step does not count epochs. Received: an epoch of {} steps".format(steps))
         self.build()
         return [(self.epoch_step, 0), (self.epoch_steps, -1 if steps is None else int(steps))]
 

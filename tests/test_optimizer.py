@@ -348,6 +348,10 @@ def test_a_negative_batch_size_tensor_is_refused_when_it_runs():
     step(tf.constant(0))  # a replica without samples: allowed
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"batch_size must be >= 0.*Received: batch_size\] \[-3\]"):
         step(tf.constant(-3))
+    # (An int32 is shown as it is, another dtype as a string.)
+    step(tf.constant(2.0))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"batch_size must be >= 0.*Received: batch_size\] \[-2.5\]"):
+        step(tf.constant(-2.5))
 
 
 def test_an_accum_optimizer_inside_an_accumulating_model_is_refused():

@@ -374,3 +374,13 @@ def test_a_sum_of_in_place_elements_becomes_its_mean_in_place_and_a_smaller_one_
     for g_big, g_small, b in zip(grads_big[::-1], grads_small[::-1], [1, 1]):
         window.accumulate([(tf.constant(g_big), big), (tf.constant(g_small), small)], b, recorder)
     np.testing.assert_allclose(recorder.calls[1]["big:0"], np.mean(grads_big, axis=0), rtol=1e-6, atol=1e-7)
+
+
+def test_a_window_made_without_epochs_does_not_count_them_and_refuses_one():
+    v = variable("v", (2,))
+    window, recorder = Window(2, epochs=False), Recorder()
+    for g in gradients((2,), 2):
+        window.accumulate([(tf.constant(g), v)], 1, recorder)
+    assert len(recorder.calls) == 1 and int(window.epoch_step.numpy()) == 0
+    with pytest.raises(ValueError, match=r"epochs=False.*Received: an epoch of 5 steps"):
+        window.epoch_start_values(5)
