@@ -11,6 +11,12 @@ when the loss is a per-sample mean (Keras' default reduction). A short
 micro-batch therefore counts for what it holds, and a short window at the end
 of an epoch equals the big batch's short last batch.
 
+The sums are kept divided by the window's *planned* weight, n times its first
+micro-batch's size: each micro-batch adds b_k / planned * g_k in one fused
+pass. A window whose micro-batches are all that large (the usual case) then
+holds its mean when it is due, and hands it over as it is; any other (a short
+last window, n changed mid-window) is scaled by planned / sum_k b_k first.
+
 The window also knows where the current epoch ends (when the route tells it)
 so that a partial window can be applied in the same step as the epoch's last
 micro-batch, before validation runs.
@@ -37,7 +43,7 @@ _FLOAT_ACCUMULATORS = (tf.float32, tf.float64)
 # The names (in `state`) of what holds the open window: the counters, and
 # each variable's sum and sparse-row marker ("_2" tells apart a second
 # variable of the same name).
-_OPEN_NAME = re.compile(r"^(count|weight)$|/(sum|rows|pooled_count|pooled_mean|pooled_m2)(_\d+)?$")
+_OPEN_NAME = re.compile(r"^(count|weight|planned)$|/(sum|rows|pooled_count|pooled_mean|pooled_m2)(_\d+)?$")
 _SUM_NAME = re.compile(r"/sum(_\d+)?$")
 
 # What a route does with a partial window when an epoch ends: apply it as one
@@ -94,6 +100,11 @@ class Window(object):
         self.n_variable = None  # micro-batches per update, settable between steps
         self.count = None  # micro-batches in the open window
         self.weight = None  # samples in the open window
+        # What the open window's sums are divided by (see the module's
+        # docstring); 1 in an empty window, so that sums restored from a
+        # checkpoint that has none (saved before windows planned, when the
+        # sums were kept undivided) are read as they were meant.
+        self.planned = None
         self.epoch_step = None  # micro-batches seen in this epoch
         self.epoch_steps = None  # micro-batches in this epoch, -1 if unknown
         self.skipped = None  # windows skipped for non-finite gradients
@@ -130,6 +141,8 @@ class Window(object):
                 self.n_variable = _counter("gradaccum/n", tf.int64, self.n)
                 self.count = self._track("count", _counter("gradaccum/count", tf.int64, 0))
                 self.weight = self._track("weight", _variable(0.0, "gradaccum/weight", tf.float32))
+                self.planned = self._track("planned", _variable(
+                    1.0, "gradaccum/planned", tf.float32, tf.VariableAggregation.ONLY_FIRST_REPLICA))
                 self.epoch_step = self._track("epoch_step", _counter("gradaccum/epoch_step", tf.int64, 0))
                 self.epoch_steps = self._track("epoch_steps", _counter("gradaccum/epoch_steps", tf.int64, -1))
                 self.skipped = self._track("skipped", _counter("gradaccum/skipped", tf.int64, 0))
@@ -174,13 +187,14 @@ class Window(object):
             self._saved_names[variable_key(var)] = _SUM_NAME.sub("", name)
 
     def add(self, grads_and_vars, batch_size):
-        """Adds one micro-batch: sum += batch_size * grad, count += 1.
+        """Adds one micro-batch: sum += batch_size / planned * grad, count += 1.
 
-        A window's first micro-batch writes the sums instead (`_write_or_add`).
+        A window's first micro-batch writes the sums instead, and sets the
+        window's planned weight (`_write_or_add`).
         """
         weight = tf.cast(batch_size, tf.float32)
         updates = []
-        weighted = {}  # variable_key(var) -> (gradient, its weight)
+        grads = {}  # variable_key(var) -> gradient, in its sum's dtype
         for grad, var in grads_and_vars:
             if grad is None:
                 continue
@@ -194,18 +208,20 @@ class Window(object):
                 grad = tf.IndexedSlices(tf.cast(grad.values, total.dtype), grad.indices, grad.dense_shape)
             else:
                 grad = tf.cast(grad, total.dtype)
-            weighted[variable_key(var)] = (grad, tf.cast(weight, total.dtype))
-        updates.append(self._write_or_add(weighted))
+            grads[variable_key(var)] = grad
+        updates.append(self._write_or_add(grads, weight))
         with tf.control_dependencies(updates):  # (graph mode: the count is read first)
             updates += [self.weight.assign_add(weight), self.count.assign_add(1)]
             if self.epochs:
                 updates.append(self.epoch_step.assign_add(1))
         return tf.group(*updates)
 
-    def _write_or_add(self, weighted):
+    def _write_or_add(self, grads, weight):
         """The sums' part of `add`: a window's first micro-batch writes them, later ones add.
 
-        Adding is one fused pass (`_add_scaled`), or a scatter of the rows a
+        The first also sets the window's planned weight (`_planned`), by
+        which every micro-batch's weight is divided. Adding is one fused
+        pass (`_add_scaled`), or a scatter of the rows a
         sparse gradient names. Writing spares the window its zeros: `reset`
         leaves the sums as they are, since nothing reads them while the
         count is 0. Zeros made anew would cost a pass per window; zeros TF
@@ -220,30 +236,46 @@ class Window(object):
             return tf.no_op()
 
         def update(total, grad, scale):
+            scale = tf.cast(scale, total.dtype)
             if isinstance(grad, tf.IndexedSlices):
                 return total.scatter_add(tf.IndexedSlices(grad.values * scale, grad.indices, grad.dense_shape))
             return _add_scaled(total, grad, scale)
 
         def write():
-            written = []
+            planned = self._planned(weight)
+            scale = weight / planned
+            written = [self.planned.assign(planned, read_value=False)]
             for key, total in self._sums.items():
-                grad, scale = weighted.get(key, (None, None))
+                grad = grads.get(key)
                 if grad is None or isinstance(grad, tf.IndexedSlices):
                     written.append(total.assign(tf.zeros_like(total), read_value=False))
                     if grad is not None:
                         with tf.control_dependencies(written[-1:]):
                             written.append(update(total, grad, scale))
                 else:
-                    written.append(total.assign(grad * scale, read_value=False))
+                    written.append(total.assign(grad * tf.cast(scale, total.dtype), read_value=False))
             with tf.control_dependencies(written):
                 return tf.constant(True)
 
         def add():
-            added = [update(self._sums[key], grad, scale) for key, (grad, scale) in weighted.items()]
+            scale = weight / self.planned
+            added = [update(self._sums[key], grad, scale) for key, grad in grads.items()]
             with tf.control_dependencies(added):
                 return tf.constant(False)
 
         return tf.cond(tf.equal(self.count, 0), write, add)
+
+    def _planned(self, weight):
+        """The weight a window whose first micro-batch weighs `weight` divides its sums by.
+
+        With MEAN, n times that weight: the window's weight if its
+        micro-batches are all as large, which makes its sums its mean. A
+        first micro-batch of no samples (a replica that got none) plans 1,
+        as does SUM, whose sums are the weighted sum.
+        """
+        if self.reduction == SUM:
+            return tf.constant(1.0)
+        return tf.where(weight > 0.0, weight * tf.cast(self.n_variable, tf.float32), tf.constant(1.0))
 
     def due(self, added=False):
         """True when the open window must be applied now.
@@ -268,33 +300,50 @@ class Window(object):
         the rows a sparse gradient names, and so does the big batch. A window
         of no samples (a replica that got none) has a zero mean, not 0/0.
 
-        A large variable's dense mean is made in its sum's own memory
-        (`_scaled_in_place`): the sums are not read again before the next
-        window writes them, and the update then holds no second
-        parameter-sized copy beside them.
+        The sums are scaled by planned / weight (1 in a window that weighs
+        what it planned). A large variable's are not scaled at all where
+        that is 1: a window that weighs what it planned hands them over as
+        they are, with no pass over them (measured: that pass left a custom
+        loop on the benchmark's MLP 1.5% behind Keras 3's own accumulation).
+        Otherwise they are scaled in their own memory (`_scaled_in_place`):
+        the sums are not read again before the next window writes them, and
+        the update then holds no second parameter-sized copy beside them.
+        Smaller sums are scaled out of place, outside any `tf.cond` (see
+        IN_PLACE_ELEMENTS).
         """
-        if self.reduction == SUM:
-            inverse = None
-        else:
-            inverse = tf.math.divide_no_nan(tf.constant(1.0), self.weight)
+        factor = None if self.reduction == SUM else tf.math.divide_no_nan(self.planned, self.weight)
+        large = [var for var in self.variables if variable_key(var) not in self._rows
+                 and (var.shape.num_elements() or 0) >= IN_PLACE_ELEMENTS]
+        in_place = {}
+        if large and factor is not None:
+            def scaled():
+                means, assigned = [], []
+                for var in large:
+                    total = self._sums[variable_key(var)]
+                    mean, op = _scaled_in_place(total, tf.cast(factor, total.dtype), assigned[-1:])
+                    means.append(mean)
+                    assigned.append(op)
+                return means
+
+            means = tf.cond(tf.equal(self.planned, self.weight),
+                            lambda: [self._sums[variable_key(var)].read_value() for var in large], scaled)
+            if not isinstance(means, (list, tuple)):  # (TF 1.x's cond unpacks a list of one)
+                means = [means]
+            in_place = {variable_key(var): mean for var, mean in zip(large, means)}
         pairs = []
-        assigned = []
         for var in self.variables:
             total = self._sums[variable_key(var)]
-            scale = tf.constant(1.0, total.dtype) if inverse is None else tf.cast(inverse, total.dtype)
+            scale = None if factor is None else tf.cast(factor, total.dtype)
             rows = self._rows.get(variable_key(var))
             if rows is None:
-                if inverse is None:
-                    mean = total.read_value()
-                elif (total.shape.num_elements() or 0) >= IN_PLACE_ELEMENTS:
-                    mean, op = _scaled_in_place(total, scale, assigned[-1:])
-                    assigned.append(op)
-                else:
-                    mean = total * scale
+                mean = in_place.get(variable_key(var))
+                if mean is None:
+                    mean = total.read_value() if scale is None else total * scale
                 pairs.append((tf.cast(mean, var.dtype), var))
             else:
                 indices = tf.reshape(tf.where(rows > 0), [-1])
-                values = tf.cast(tf.gather(total, indices) * scale, var.dtype)
+                values = tf.gather(total, indices)
+                values = tf.cast(values if scale is None else values * scale, var.dtype)
                 pairs.append((tf.IndexedSlices(values, indices, tf.shape(total, out_type=tf.int64)), var))
         return pairs
 
@@ -464,12 +513,13 @@ class Window(object):
     def reset(self):
         """Empties the window (the epoch position is kept).
 
-        Its count and weight go to 0, and its sparse-row markers and pooled
-        statistics to zeros. Its sums stay as they are: the window's next
-        micro-batch writes them (`_write_or_add`), and nothing reads them
-        before.
+        Its count and weight go to 0, its planned weight to 1, and its
+        sparse-row markers and pooled statistics to zeros. Its sums stay as
+        they are: the window's next micro-batch writes them (`_write_or_add`),
+        and nothing reads them before.
         """
-        return tf.group(*[variable.assign(tf.zeros_like(variable)) for variable in self._emptied_variables()])
+        return tf.group(self.planned.assign(1.0), *[
+            variable.assign(tf.zeros_like(variable)) for variable in self._emptied_variables()])
 
     # Mixed precision: how a route trains with a loss scale (Keras'
     # LossScaleOptimizer). Each micro-batch's loss is scaled by scale / n
@@ -505,12 +555,9 @@ class Window(object):
         """(variable, value) pairs that empty the window, for a caller outside the training function."""
         if not self.built:
             return []
-        return [(variable, np.zeros(variable.shape, variable.dtype.as_numpy_dtype))
-                for variable in self._open_variables()]
-
-    def _open_variables(self):
-        """What holds the open window: sums, sparse-row markers, weight and count."""
-        return list(self._sums.values()) + self._emptied_variables()
+        return [(self.planned, 1.0)] + [
+            (variable, np.zeros(variable.shape, variable.dtype.as_numpy_dtype))
+            for variable in list(self._sums.values()) + self._emptied_variables()]
 
     def _emptied_variables(self):
         """What `reset` zeroes: the open window less its sums (which its next micro-batch writes)."""
@@ -523,7 +570,8 @@ class Window(object):
         """Every variable the window created (counters, sums, row markers)."""
         if not self.built:
             return []
-        return ([self.n_variable, self.count, self.weight, self.epoch_step, self.epoch_steps, self.skipped]
+        return ([self.n_variable, self.count, self.weight, self.planned, self.epoch_step, self.epoch_steps,
+                 self.skipped]
                 + list(self._sums.values()) + list(self._rows.values()) + self._pooled_variables())
 
     def values(self):
@@ -544,6 +592,8 @@ class Window(object):
         row markers, weight and count), which stays as it is.
         """
         self.build()
+        if open_window and "planned" not in values:  # (saved before windows planned: see `planned`)
+            values = dict(values, planned=1.0)
         for name, value in values.items():
             if not open_window and _OPEN_NAME.search(name):
                 continue
@@ -648,12 +698,14 @@ def _add_scaled(total, grad, factor):
     return tf.raw_ops.ResourceApplyGradientDescent(var=total.handle, alpha=-factor, delta=grad)
 
 
-# Sums of at least this many elements (256 KiB of float32) are scaled to
-# their mean in place; smaller ones out of place, which takes half the ops:
-# their copies are small, and each op a function holds is memory that a
-# loop of models (a hyperparameter search) keeps after the model is gone
-# (measured: 0.1 MB a model more with tiny models scaled in place, 20
-# models of test_long_runs on tf-keras 2.21).
+# Sums of at least this many elements (256 KiB of float32) are handed over
+# as they are by a window that weighs what it planned, and scaled to their
+# mean in place by any other, in a `tf.cond` (see `Window.mean`). Smaller
+# ones are scaled out of place every time, which takes the fewest ops: their
+# copies are small, and each op a function holds is memory that a loop of
+# models (a hyperparameter search) keeps after the model is gone (measured,
+# 20 models of test_long_runs on tf-keras 2.21: 0.1 MB a model more with
+# tiny models scaled in place, 0.6 MB with a cond around their sums).
 IN_PLACE_ELEMENTS = 2 ** 16
 
 

@@ -76,6 +76,42 @@ def test_weighted_mean_over_micro_batches_of_8_8_3_6_is_applied_once_on_the_4th_
     np.testing.assert_allclose(recorder.calls[1]["v:0"], weighted_mean(grads, [1, 3, 1, 1]), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("in_place", [True, False])
+def test_a_window_that_weighs_what_it_planned_hands_its_sums_over_and_others_are_scaled(monkeypatch, in_place):
+    # The sums are divided by n times the first micro-batch's size. Windows
+    # that weigh that hold their mean; the others are scaled by planned /
+    # weight: a short one, one whose first micro-batch had no samples (it
+    # plans 1, undivided sums), one whose n grew mid-window, and a sparse one.
+    monkeypatch.setattr(_window, "IN_PLACE_ELEMENTS", 1 if in_place else 1000)
+    v, embedding = variable("v", (2, 3)), variable("embedding", (5, 2))
+    grads, rows = gradients((2, 3), 4), gradients((1, 2), 4, seed=3)
+    window, recorder = Window(3), Recorder()
+
+    def step(k, size):
+        sparse = tf.IndexedSlices(tf.constant(rows[k]), tf.constant([k], tf.int64), tf.constant([5, 2], tf.int64))
+        return bool(window.accumulate([(tf.constant(grads[k]), v), (sparse, embedding)], size, recorder).numpy())
+
+    cases = [([4, 4, 4], None), ([4, 2], "flush"), ([0, 4, 2], None), ([4, 4], 4)]
+    for sizes, then in cases:
+        applied = [step(k, size) for k, size in enumerate(sizes)]
+        if then == "flush":
+            assert bool(window.flush(recorder).numpy())
+        elif then is not None:  # n grows mid-window, and two more micro-batches complete it
+            window.n_variable.assign(then)
+            applied += [step(2, 1), step(3, 2)]
+            sizes = sizes + [1, 2]
+        assert applied == [False] * (len(applied) - 1) + [then != "flush"]
+        mean = recorder.calls[-1]
+        np.testing.assert_allclose(mean["v:0"], weighted_mean(grads, sizes), rtol=1e-6, atol=1e-7)
+        _, indices, values, _ = mean["embedding:0"]
+        np.testing.assert_array_equal(indices, [k for k, size in enumerate(sizes)])
+        np.testing.assert_allclose(values, np.concatenate(rows[:len(sizes)]) * np.array(sizes)[:, None] / sum(sizes),
+                                   rtol=1e-6, atol=1e-7)
+        assert float(window.planned.numpy()) == 1.0  # (an empty window plans nothing yet)
+        window.n_variable.assign(3)
+    assert len(recorder.calls) == len(cases)
+
+
 def test_sparse_gradients_give_a_sparse_mean_over_exactly_the_touched_rows():
     embedding = variable("embedding", (10, 3))
     first = np.arange(1, 7, dtype="float32").reshape(2, 3)  # rows 1, 3
@@ -104,7 +140,8 @@ def test_sparse_gradients_give_a_sparse_mean_over_exactly_the_touched_rows():
 
 def test_float16_gradients_are_summed_in_float32():
     half = variable("half", (3,), tf.float16)
-    window, recorder = Window(2000), Recorder()
+    # (n a power of two: the sums are divided by n exactly, see `planned`.)
+    window, recorder = Window(2048), Recorder()
     window.build([half])
     total = window._sums[variable_key(half)]
     assert total.dtype == tf.float32
@@ -114,17 +151,19 @@ def test_float16_gradients_are_summed_in_float32():
         window.add([(tf.fill([3], tf.constant(small)), half)], 1)
     # The same additions in float32 (numpy), and in float16, where each 1e-4
     # is below half a unit in the last place of 1.0 and rounds away.
-    expected, in_half = np.float32(big), big
+    scale = np.float32(1.0 / 2048)
+    expected, in_half = np.float32(big) * scale, big
     for _ in range(1000):
-        expected = np.float32(expected + np.float32(small))
+        expected = np.float32(expected + np.float32(small) * scale)
         in_half = np.float16(in_half + small)
     assert in_half == np.float16(1.0)
     np.testing.assert_array_equal(total.numpy(), np.full(3, expected, "float32"))
-    assert abs(float(expected) - 1.1) < 1e-3
+    assert abs(float(expected) * 2048 - 1.1) < 1e-3
     assert bool(window.flush(recorder).numpy())
     mean = recorder.calls[0]["half:0"]
     assert mean.dtype == np.float16  # handed over in the variable's dtype
-    np.testing.assert_array_equal(mean, np.full(3, np.float16(expected / np.float32(1001)), "float16"))
+    factor = np.float32(2048) / np.float32(1001)  # planned / weight: a window short of its n
+    np.testing.assert_array_equal(mean, np.full(3, np.float16(expected * factor), "float16"))
 
 
 def test_a_variable_whose_gradient_is_none_in_some_micro_batches_keeps_its_sum():
@@ -214,11 +253,11 @@ def test_the_state_checkpoints_by_stable_names_and_a_restored_window_continues_b
     assert {id(var) for var in original.state.variables} == {
         id(var) for var in original.all_variables() if var is not original.n_variable}
     assert sorted(original.state.by_name) == sorted([
-        "count", "weight", "epoch_step", "epoch_steps", "skipped",
+        "count", "weight", "planned", "epoch_step", "epoch_steps", "skipped",
         "gradaccum/dense/sum", "gradaccum/embedding/sum", "gradaccum/embedding/rows"])
     path = tf.train.Checkpoint(w=original.state).save(str(tmp_path / "window"))
     saved = [name for name, _ in tf.train.list_variables(path)]
-    for name in ("count", "weight", "epoch_step", "epoch_steps", "skipped", "gradaccum.Sdense.Ssum",
+    for name in ("count", "weight", "planned", "epoch_step", "epoch_steps", "skipped", "gradaccum.Sdense.Ssum",
                  "gradaccum.Sembedding.Ssum", "gradaccum.Sembedding.Srows"):
         assert "w/by_name/{}/.ATTRIBUTES/VARIABLE_VALUE".format(name) in saved, saved
 
@@ -283,7 +322,8 @@ def test_restore_without_the_open_window_keeps_the_counts_only():
     restored.restore(values, open_window=False)  # before its sums exist: none is kept pending
     restored.accumulate([(tf.constant(grads[0]), v), (tf.constant(np.ones(4, "float32")), w)], 8, Recorder())
     assert int(restored.skipped.numpy()) == 5 and int(restored.count.numpy()) == 1
-    np.testing.assert_array_equal(restored._sums[variable_key(v)].numpy(), 8 * grads[0])
+    # (Its own first micro-batch, of 8 samples in a window of 4: divided by 32.)
+    np.testing.assert_array_equal(restored._sums[variable_key(v)].numpy(), grads[0] / 4)
     whole = Window(4)
     whole.restore(values)
     whole.accumulate([(tf.constant(grads[0]), v), (tf.constant(np.ones(4, "float32")), w)], 8, Recorder())
@@ -368,8 +408,9 @@ def test_a_sum_of_in_place_elements_becomes_its_mean_in_place_and_a_smaller_one_
     # Where each mean was made: the large sum's memory now holds its mean,
     # the small sum is left as it was.
     np.testing.assert_array_equal(window._sums[variable_key(big)].numpy(), recorder.calls[0]["big:0"])
-    np.testing.assert_allclose(window._sums[variable_key(small)].numpy(), 8 * grads_small[0] + 3 * grads_small[1],
-                               rtol=1e-6, atol=1e-6)
+    # (Divided by the window's planned weight: 2 micro-batches of 8.)
+    np.testing.assert_allclose(window._sums[variable_key(small)].numpy(),
+                               (8 * grads_small[0] + 3 * grads_small[1]) / 16, rtol=1e-6, atol=1e-6)
     # The next window writes its sums afresh over the mean.
     for g_big, g_small, b in zip(grads_big[::-1], grads_small[::-1], [1, 1]):
         window.accumulate([(tf.constant(g_big), big), (tf.constant(g_small), small)], b, recorder)
