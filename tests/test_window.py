@@ -330,6 +330,21 @@ def test_restore_without_the_open_window_keeps_the_counts_only():
     assert int(whole.count.numpy()) == 3
 
 
+def test_an_open_window_saved_before_windows_planned_restores_as_it_was_meant():
+    # Saved before the sums were divided by a planned weight: undivided sums,
+    # no "planned". Restored into a window in the middle of its own.
+    v = variable("v", (2, 3))
+    grads, sizes = gradients((2, 3), 4), [8, 8, 3, 6]
+    saved = {"count": 2, "weight": 16.0, "gradaccum/v/sum": (8 * grads[0] + 8 * grads[1]).astype("float32")}
+    window, recorder = Window(4), Recorder()
+    window.accumulate([(tf.constant(grads[3]), v)], 5, recorder)  # (it plans 20)
+    window.restore(saved)
+    for k in (2, 3):
+        window.accumulate([(tf.constant(grads[k]), v)], sizes[k], recorder)
+    assert len(recorder.calls) == 1
+    np.testing.assert_allclose(recorder.calls[0]["v:0"], weighted_mean(grads, sizes), rtol=1e-6, atol=1e-6)
+
+
 def test_sums_saved_under_other_names_are_matched_by_position_or_refused():
     # A reloaded subclassed model names its layers anew: "dense_7/kernel"
     # was saved as "dense_3/kernel". Same order and shapes: restored.
