@@ -213,7 +213,7 @@ def loop_variants(keras):
         return step
 
     def bound_for(model, n):
-        """The least any exact accumulation does: the loop's gradients, one fused add, the update every n-th step.
+        """A lean exact accumulation: the loop's gradients, one fused add, the update every n-th step.
 
         The first micro-step of a window writes its gradients, the others add
         them in one fused pass each, and the n-th hands their mean to the
@@ -776,8 +776,9 @@ def merge(out):
                       "spread = (slowest - fastest) / fastest round. Ratios (speed over plain training, and "
                       "over the floor: gradients only, never applied) are taken within each round; the median "
                       "round's, with their spread. `loop:` rows are custom training loops (a tf.function step per "
-                      "micro-batch); `loop: floor` is that loop's gradients alone, `loop: bound` the least an exact "
-                      "accumulation does there (the gradients, one fused add, the update every n-th step).".format(first["b"], first["rounds"], _per_model(run["throughput"], "steps_per_round"),
+                      "micro-batch); `loop: floor` is that loop's gradients alone, `loop: bound` a lean exact "
+                      "accumulation there (the gradients, one fused add, the update every n-th step on the sums "
+                      "times 1 / n).".format(first["b"], first["rounds"], _per_model(run["throughput"], "steps_per_round"),
                           first["rounds"], _per_model(run["throughput"], "instances")), "",
                       "| model | n | variant | samples/s | spread | vs plain (spread) | vs floor (spread) |",
                       "|---|---|---|---|---|---|---|"]
@@ -785,6 +786,10 @@ def merge(out):
                 lines.append("| {model} | {n} | {variant} | {samples_per_s:.0f} | {spread:.1%} | {vs_plain:.3f} "
                              "({vs_plain_spread:.1%}) | {vs_floor:.3f} ({vs_floor_spread:.1%}) |".format(**row))
             lines.append("")
+            spliced = run.get("throughput_spliced")  # (another run's rows of some models, spliced into this one)
+            if spliced:
+                lines += ["The {} rows are another run's: {}".format(", ".join(spliced["models"]).upper(),
+                                                                    spliced["why"]), ""]
         if run.get("memory"):
             if run.get("memory_environment"):  # (another run's memory figures, spliced into this one)
                 lines += ["Memory (and convergence, where shown) measured in a run of its own ({date}, TensorFlow "
