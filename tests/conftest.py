@@ -3,6 +3,7 @@ import os
 import platform
 import random
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -108,6 +109,16 @@ def _keras_description():
     return "keras {}".format(keras.__version__)
 
 
+# Where CI's minutes go (tools/matrix_report.py prints them): this pass's wall
+# time and each test's setup + call + teardown.
+_STARTED = time.time()
+_DURATIONS = {}
+
+
+def pytest_runtest_logreport(report):
+    _DURATIONS[report.nodeid] = _DURATIONS.get(report.nodeid, 0.0) + report.duration
+
+
 def pytest_terminal_summary(terminalreporter):
     """Writes this environment's versions and counts to $GRADACCUM_REPORT (for the matrix table)."""
     path = os.environ.get("GRADACCUM_REPORT")
@@ -127,6 +138,9 @@ def pytest_terminal_summary(terminalreporter):
         "skipped": len(stats.get("skipped", [])),
         # Known differences held by strict xfail tests (an unexpected pass fails).
         "xfailed": len(stats.get("xfailed", [])),
+        "seconds": round(time.time() - _STARTED),
+        "slowest": [[nodeid, round(seconds, 1)] for nodeid, seconds in
+                    sorted(_DURATIONS.items(), key=lambda item: -item[1])[:10]],
     }
     directory = os.path.dirname(path)
     if not os.path.isdir(directory):

@@ -28,6 +28,8 @@ BEGIN, END = "<!-- versions:begin -->", "<!-- versions:end -->"
 COLUMNS = [("tox env", "env"), ("suite", "suite"), ("mode", "mode"), ("Python", "python"),
            ("TensorFlow", "tensorflow"), ("Keras", "keras"), ("passed", "passed"), ("failed", "failed"),
            ("skipped", "skipped"), ("xfailed", "xfailed")]
+# CI's printout adds each pass's wall time (README's table stays free of timings).
+TIMED = COLUMNS + [("seconds", "seconds")]
 
 
 def expand(spec):
@@ -78,11 +80,18 @@ def order(row):
             row["mode"], row["env"])
 
 
-def table(rows):
-    lines = ["| " + " | ".join(title for title, _ in COLUMNS) + " |",
-             "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(str(row.get(key, "-")) for _, key in COLUMNS) + " |" for row in rows]
+def table(rows, columns=COLUMNS):
+    lines = ["| " + " | ".join(title for title, _ in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(row.get(key, "-")) for _, key in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def slowest(rows, count=15):
+    """The slowest tests over every pass, as (seconds, env, mode, test id)."""
+    timed = [(seconds, row["env"], row["mode"], nodeid)
+             for row in rows for nodeid, seconds in row.get("slowest", [])]
+    return sorted(timed, reverse=True)[:count]
 
 
 def update_readme(path, rows):
@@ -118,7 +127,13 @@ def main(argv=None):
         environments = [env for env in environments if env in ran]
     rows = load(args.reports_dir, environments)
     print()
-    print(table(rows))
+    print(table(rows, TIMED))
+    print()
+    print("slowest tests:")
+    for seconds, env, mode, nodeid in slowest(rows):
+        print("  {:7.1f} s  {} ({})  {}".format(seconds, env, mode, nodeid))
+    print("passes: {} s in all (two environments run at a time)".format(
+        sum(row.get("seconds", 0) for row in rows)))
     totals = {key: sum(row.get(key, 0) for row in rows) for key in ("passed", "failed", "skipped", "xfailed")}
     print()
     print("matrix: {passed} passed, {failed} failed, {skipped} skipped, {xfailed} xfailed".format(**totals))
