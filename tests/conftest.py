@@ -87,11 +87,6 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _seeded():
-    # Every test starts from the same random initial weights, so a figure
-    # measured once is the figure CI measures. Adam amplifies float32
-    # rounding on near-zero gradient components: over 12 random seeds its
-    # error reached 2e-6 of the weight change (tolerance 1e-5), so an
-    # unseeded suite would be reproducible only most of the time.
     # Keras 2's global state first: graph mode builds every test's models and
     # training ops into one default graph, and Keras 2 builds functional
     # models into a graph of its own, so each test ran slower than the one
@@ -99,11 +94,16 @@ def _seeded():
     # suite, whose graph pass took 442 s; eager, test_keras_exact ran 15-20%
     # faster with it). Before the seed: the graph-level seed belongs to the
     # graph. Not Keras 3's, which keeps no such graph and whose clear_session
-    # collects garbage (0.1-0.3 s a call; its environment's suite ran 1031 s
-    # with it, 849 s without).
+    # collects garbage (0.1-0.3 s a call; py311-tf221-keras3's eager pass
+    # took 1031 s with it, 849 s in the CI run before).
     import helpers  # (not at the top: Keras is imported after eager is disabled)
     if not helpers.KERAS3:
         helpers.keras.backend.clear_session()
+    # Every test starts from the same random initial weights, so a figure
+    # measured once is the figure CI measures. Adam amplifies float32
+    # rounding on near-zero gradient components: over 12 random seeds its
+    # error reached 2e-6 of the weight change (tolerance 1e-5), so an
+    # unseeded suite would be reproducible only most of the time.
     seed = 20261124
     random.seed(seed)
     np.random.seed(seed)
