@@ -3,8 +3,9 @@
 The seed's TODO was "test method for memory leaks". Two ways a user runs
 long: one fit of many epochs, and many models in a loop (a hyperparameter
 search, which clears Keras' session between models). Each is measured
-against plain Keras in the same process, with the resident set size (RSS)
-that Linux reports, after a garbage collection. Plain Keras 3 itself grows
+against plain Keras, each side in a fresh process (long_run_worker.py, the
+two at once), with the resident set size (RSS) that Linux reports, after a
+garbage collection. Plain Keras 3 itself grows
 by about 3.7 MB per model in such a loop on TF 2.21 (measured); gradaccum
 may not add to what Keras does.
 
@@ -27,8 +28,6 @@ import sys
 import pytest
 
 import helpers
-from helpers import keras
-from gradaccum import accumulate
 
 helpers.require_mode(eager=True)
 pytestmark = [
@@ -37,7 +36,7 @@ pytestmark = [
     pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from Linux's /proc"),
 ]
 
-EPOCHS, WARMUP, MODELS, N, B = 30, 30, 20, 4, 8
+EPOCHS, WARMUP, MODELS = 30, 30, 20
 # What RSS may grow beyond plain Keras's over the whole run: allocator noise
 # is below 0.1 MB here (the same loop twice), a leak of one parameter-sized
 # buffer per epoch or per model would pass it within a few.
@@ -46,63 +45,41 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "long_run_worker.py")
 
 
-def compiled(n):
-    model = helpers.functional_mlp()
-    if n is not None:
-        model = accumulate(model, n)
-    model.compile(keras.optimizers.Adam(0.01), "mse")
-    return model
-
-
-class RssPerEpoch(keras.callbacks.Callback):
-    def __init__(self):
-        super(RssPerEpoch, self).__init__()
-        self.seen = []
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seen.append(helpers.rss_mb())
-
-
-def test_a_long_fit_grows_no_more_than_plain_keras_and_traces_once():
-    x, y = helpers.data(88)  # a short last window every epoch
-    growth = {}
-    for n in (None, N):
-        model, rss = compiled(n), RssPerEpoch()
-        traces = []
-        if n is not None:
-            window = model._accum_window
-            add = window.accumulate
-            window.accumulate = lambda *args, **kwargs: traces.append(1) or add(*args, **kwargs)
-        per_epoch = []
-        counting = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: per_epoch.append(len(traces)))
-        model.fit(x, y, batch_size=B, epochs=EPOCHS, verbose=0, callbacks=[rss, counting])
-        growth[n] = rss.seen[-1] - rss.seen[4]  # from epoch 5: Keras' own warm-up is done
-        if n is not None:
-            assert per_epoch[0] >= 1 and per_epoch[-1] == per_epoch[0], (
-                "the training step was traced again after the first epoch: {}".format(per_epoch))
-            assert helpers.steps_of(model) == EPOCHS * 3
-    helpers.record("long/{} epochs RSS growth MB accumulated - plain".format(EPOCHS), growth[N] - growth[None])
-    assert growth[N] <= growth[None] + SLACK_MB, "RSS grew {:.2f} MB over {} epochs, plain Keras {:.2f} MB".format(
-        growth[N], EPOCHS, growth[None])
-
-
-def test_many_models_in_a_loop_are_all_freed_and_grow_rss_no_more_than_plain_keras():
-    # As a hyperparameter search does: build, wrap, compile, fit, clear the
-    # session, MODELS times. Each side runs in a fresh process (the two at
-    # once, one per core): in one process the loop that runs first grows more,
-    # by tens of MB, while a fresh process repeats its figure to 0.1 MB.
-    # Plain Keras itself grows by 1-4 MB per model here.
+def both_sides(*args):
+    """Runs long_run_worker.py with `args` for plain Keras and for gradaccum, the two at once
+    (one per core), each in a fresh process; returns their figures by side."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([HERE] + [p for p in [env.get("PYTHONPATH")] if p])
-    processes = {kind: subprocess.Popen([sys.executable, WORKER, kind, str(WARMUP), str(MODELS)], env=env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    processes = {kind: subprocess.Popen([sys.executable, WORKER, args[0], kind] + [str(a) for a in args[1:]],
+                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                  for kind in ("accumulated", "plain")}
     figures = {}
     for kind, process in processes.items():
         out, err = process.communicate(timeout=600)
         assert process.returncode == 0, err.decode()[-3000:]
         figures[kind] = json.loads(out.decode().strip().splitlines()[-1])
-    accumulated, plain = figures["accumulated"], figures["plain"]
+    return figures["accumulated"], figures["plain"]
+
+
+def test_a_long_fit_grows_no_more_than_plain_keras_and_traces_once():
+    accumulated, plain = both_sides("fit", EPOCHS)
+    traced = accumulated["traced"]
+    assert traced[0] >= 1 and traced[-1] == traced[0], (
+        "the training step was traced again after the first epoch: {}".format(traced))
+    assert accumulated["steps"] == EPOCHS * 3
+    helpers.record("long/{} epochs RSS growth MB accumulated - plain".format(EPOCHS),
+                   accumulated["growth_mb"] - plain["growth_mb"])
+    assert accumulated["growth_mb"] <= plain["growth_mb"] + SLACK_MB, (
+        "RSS grew {:.2f} MB over {} epochs, plain Keras {:.2f} MB".format(
+            accumulated["growth_mb"], EPOCHS, plain["growth_mb"]))
+
+
+def test_many_models_in_a_loop_are_all_freed_and_grow_rss_no_more_than_plain_keras():
+    # As a hyperparameter search does: build, wrap, compile, fit, clear the
+    # session, MODELS times. In one process the loop that runs first grows
+    # more, by tens of MB, while a fresh process repeats its figure to 0.1
+    # MB. Plain Keras itself grows by 1-4 MB per model here.
+    accumulated, plain = both_sides("loop", WARMUP, MODELS)
     assert accumulated["objects"] == 3 * (WARMUP + MODELS)
     assert accumulated["kept"] == 0, "gradaccum objects outlived their model: {}".format(accumulated)
     helpers.record("long/{} models RSS growth MB accumulated".format(MODELS), accumulated["growth_mb"])
