@@ -121,6 +121,20 @@ def tokens(rows, repeated):
     return rng.permutation(rows * 4).reshape(rows, 4).astype("int32")
 
 
+def core_params(values, core):
+    """`values` for pytest.mark.parametrize, those in `core` marked for the core subset.
+
+    The core subset runs on every TF minor between a flavour's floor and
+    newest, where what a minor can change is what gradaccum reads of Keras,
+    not one optimizer's arithmetic against another's: the rest of `values`
+    run in the full suite only.
+    """
+    unknown = set(core) - set(values)
+    if unknown:
+        raise ValueError("core values {} are not among {}".format(sorted(unknown), list(values)))
+    return [pytest.param(value, marks=pytest.mark.core) if value in core else value for value in values]
+
+
 MODELS = {"functional": functional_mlp, "sequential": sequential_mlp, "subclassed": subclassed_mlp}
 
 
@@ -137,6 +151,10 @@ OPTIMIZERS = {
 }
 if hasattr(keras.optimizers, "AdamW"):  # Keras >= 2.11
     OPTIMIZERS["adamw"] = lambda: keras.optimizers.AdamW(0.01, weight_decay=0.05)
+# The core subset's: one slot (momentum), two and a step count (Adam), a
+# schedule read from the step count, a decay in the update (AdamW). SGD and
+# Nesterov are momentum's class, Adagrad and RMSprop one slot more of the same.
+CORE_OPTIMIZERS = [name for name in ("momentum", "adam", "adam-schedule", "adamw") if name in OPTIMIZERS]
 
 
 # Options that act on the gradient, or on the update. They must act once per

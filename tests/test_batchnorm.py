@@ -114,8 +114,7 @@ def assert_pooled(factory, x, y, n=N, micro=False, **options):
     return error
 
 
-@pytest.mark.core
-@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+@pytest.mark.parametrize("rank", helpers.core_params([2, 3, 4, 5], [2, 4]))
 def test_moving_statistics_are_the_big_batchs(rank):
     # 100 samples: windows of 32, 32, 32 and a short one of 4, each epoch.
     x, y = data(rank)

@@ -69,9 +69,8 @@ def train(initial, n, batch_size, make_optimizer, jit_compile, unknown_length=Fa
     return helpers.weights_of(model), helpers.steps_of(model), int(reduction.runs.numpy())
 
 
-@pytest.mark.core
 @pytest.mark.parametrize("jit_compile", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("optimizer", helpers.core_params(sorted(OPTIMIZERS), ["adam"]))
 def test_mirrored_matches_the_big_batch_and_all_reduces_once_per_update(optimizer, jit_compile):
     make_optimizer = OPTIMIZERS[optimizer]
     initial = helpers.weights_of(helpers.functional_mlp())

@@ -39,8 +39,7 @@ def compare(model_factory, make_optimizer, x, y, name, n=N, b=B, epoch_end="appl
     return accumulated[2]  # its History
 
 
-@pytest.mark.core
-@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("optimizer", helpers.core_params(sorted(OPTIMIZERS), helpers.CORE_OPTIMIZERS))
 def test_optimizers_match_big_batch(optimizer):
     x, y = helpers.data()
     history = compare(helpers.functional_mlp, OPTIMIZERS[optimizer], x, y, "optimizer/" + optimizer)

@@ -70,9 +70,8 @@ def compare(x, y, make_optimizer, jit_compile, name, model_factory=helpers.funct
     return initial, accumulated, big, small
 
 
-@pytest.mark.core
 @pytest.mark.parametrize("jit_compile", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("optimizer", helpers.core_params(sorted(OPTIMIZERS), ["adam"]))
 def test_mixed_float16_matches_the_big_batch(mixed_float16, optimizer, jit_compile):
     if jit_compile and not helpers.HAS_JIT_COMPILE:
         pytest.skip("this Keras has no compile(jit_compile=...)")
