@@ -45,12 +45,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "long_run_worker.py")
 
 
-def both_sides(*args):
-    """Runs long_run_worker.py with `args` for plain Keras and for gradaccum, the two at once
-    (one per core), each in a fresh process; returns their figures by side."""
+def both_sides(mode, *counts):
+    """Runs long_run_worker.py's `mode` with `counts` for gradaccum and for plain Keras, the two
+    at once (one per core), each in a fresh process; returns their figures (accumulated, plain)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([HERE] + [p for p in [env.get("PYTHONPATH")] if p])
-    processes = {kind: subprocess.Popen([sys.executable, WORKER, args[0], kind] + [str(a) for a in args[1:]],
+    processes = {kind: subprocess.Popen([sys.executable, WORKER, mode, kind] + [str(count) for count in counts],
                                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                  for kind in ("accumulated", "plain")}
     figures = {}
