@@ -21,9 +21,11 @@ def pytest_addoption(parser):
 
 # Which tests this environment runs (tox.ini sets it): "full", the whole
 # suite, on the floor and the newest release of each Keras flavour; "core",
-# the tests marked core, on every TensorFlow minor in between; "errors", the
-# tests marked errors, where the installed Keras is one gradaccum refuses.
-SUITES = ("full", "core", "errors")
+# the tests marked core, on every TensorFlow minor in between; "python", the
+# tests marked python, where only Python's version differs from an
+# environment that runs one of those two; "errors", the tests marked errors,
+# where the installed Keras is one gradaccum refuses.
+SUITES = ("full", "core", "python", "errors")
 
 
 def suite():
@@ -48,6 +50,12 @@ def pytest_configure(config):
         "saving and reloading, MirroredStrategy, the updates log, the private attributes "
         "gradaccum reads), run alone on the TF minors between each flavour's floor and newest "
         "(GRADACCUM_SUITE=core)")
+    config.addinivalue_line(
+        "markers", "python: the Python subset (the installed wheel, the private attributes, the "
+        "window's arithmetic, bad input, the three model kinds, a custom loop in a tf.function, "
+        "saving and reloading: what a Python version can change), run alone where only Python's "
+        "version differs from an environment that runs the core subset or the full suite "
+        "(GRADACCUM_SUITE=python)")
     config.addinivalue_line(
         "markers", "errors: bad input and refused runtimes (test_errors), run alone where "
         "gradaccum refuses the installed Keras (GRADACCUM_SUITE=errors)")

@@ -151,10 +151,12 @@ OPTIMIZERS = {
 }
 if hasattr(keras.optimizers, "AdamW"):  # Keras >= 2.11
     OPTIMIZERS["adamw"] = lambda: keras.optimizers.AdamW(0.01, weight_decay=0.05)
-# The core subset's: one slot (momentum), two and a step count (Adam), a
-# schedule read from the step count, a decay in the update (AdamW). SGD and
-# Nesterov are momentum's class, Adagrad and RMSprop one slot more of the same.
-CORE_OPTIMIZERS = [name for name in ("momentum", "adam", "adam-schedule", "adamw") if name in OPTIMIZERS]
+# The core subset's: one slot (momentum), two and a step count with a
+# schedule read from that count (Adam with a schedule), a decay in the update
+# (AdamW). SGD and Nesterov are momentum's class, Adagrad and RMSprop one slot
+# more of the same, and plain Adam is the scheduled one with a constant rate
+# (it stays core under mixed precision and MirroredStrategy).
+CORE_OPTIMIZERS = [name for name in ("momentum", "adam-schedule", "adamw") if name in OPTIMIZERS]
 
 
 # Options that act on the gradient, or on the update. They must act once per
@@ -168,6 +170,10 @@ GRADIENT_OPTIONS = {
     "weight_decay": {"weight_decay": 0.5},
     "use_ema": {"use_ema": True, "ema_momentum": 0.5},
 }
+# The core subset's: one of the clippings (the three clip the gradients
+# handed to the optimizer, in one place of Keras' update), the weight decay
+# and the moving average (each in a place of its own).
+CORE_GRADIENT_OPTIONS = ["clipnorm", "use_ema", "weight_decay"]
 
 
 def steps_of(model):

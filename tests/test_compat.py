@@ -19,7 +19,7 @@ EAGER = _compat.executing_eagerly()
 keras2_only = pytest.mark.skipif(helpers.KERAS3, reason="a Keras 2 attribute; this is Keras 3")
 
 # Every Keras of the matrix, the TF minors of the core subset included.
-pytestmark = pytest.mark.core
+pytestmark = [pytest.mark.core, pytest.mark.python]
 
 
 def test_is_graph_network():

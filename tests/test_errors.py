@@ -14,7 +14,7 @@ from packaging.version import Version
 
 from gradaccum import _compat, accumulate
 
-pytestmark = [pytest.mark.core, pytest.mark.errors]
+pytestmark = [pytest.mark.core, pytest.mark.python, pytest.mark.errors]
 
 
 def any_model():

@@ -8,7 +8,7 @@ CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Where each package's source lives in the checkout; setup.py maps
 # legacy/GradientAccumulator to a top-level package of the same wheel.
 SOURCES = {"gradaccum": os.path.join(CHECKOUT, "gradaccum"), "GradientAccumulator": os.path.join(CHECKOUT, "legacy")}
-pytestmark = pytest.mark.core
+pytestmark = [pytest.mark.core, pytest.mark.python]
 
 
 @pytest.mark.parametrize("package", sorted(SOURCES))

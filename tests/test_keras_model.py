@@ -98,6 +98,7 @@ SUFFIXES = {"keras": ".keras"} if helpers.KERAS3 else {"savedmodel": "", "h5": "
 
 
 @pytest.mark.core
+@pytest.mark.python
 @pytest.mark.parametrize("fmt", sorted(SUFFIXES))
 def test_saved_model_reloads_and_keeps_accumulating(tmp_path, fmt):
     # The reference goes through the same save and load: formats differ in

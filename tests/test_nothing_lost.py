@@ -154,8 +154,9 @@ def test_a_checkpoint_of_the_model_taken_mid_window_resumes_bitwise(tmp_path):
     assert len(stopped.get_weights()) == len(helpers.functional_mlp().get_weights())  # no accumulator
 
 
-@pytest.mark.core
-@pytest.mark.parametrize("kind", ["functional", "subclassed"])
+# Core: the subclassed model, rebuilt from its own get_config (a functional
+# model's .keras round trip is test_keras_model's, at a window's end).
+@pytest.mark.parametrize("kind", helpers.core_params(["functional", "subclassed"], ["subclassed"]))
 def test_a_keras_file_saved_mid_window_resumes_bitwise(kind, tmp_path):
     # model.save() writes the optimizer's state, and so the window, as the
     # model's asset. A reloaded subclassed model names its layers anew: its

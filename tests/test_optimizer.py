@@ -33,8 +33,10 @@ LIGHT_CASES = [("adam-schedule", "function", "whole-windows"), ("momentum", "fun
 LOOP_CASES = [(optimizer, mode, "whole-windows") for optimizer in sorted(OPTIMIZERS)
               for mode in ("eager", "function", "jit")]
 LOOP_CASES += [(optimizer, "function", "short-last-window") for optimizer in sorted(OPTIMIZERS)]
-# The light cases are in the core subset too, which runs on every TF minor.
-LOOP_CASES = [pytest.param(*case, marks=pytest.mark.core if case in LIGHT_CASES else pytest.mark.heavy)
+# The light cases are in the core subset too, which runs on every TF minor,
+# and in the Python subset (AutoGraph reads the loop's Python source).
+LOOP_CASES = [pytest.param(*case, marks=[pytest.mark.core, pytest.mark.python] if case in LIGHT_CASES
+                           else pytest.mark.heavy)
               for case in LOOP_CASES]
 
 

@@ -18,7 +18,7 @@ from gradaccum._window import SUM, Window
 
 helpers.require_mode(eager=True)
 
-pytestmark = pytest.mark.core
+pytestmark = [pytest.mark.core, pytest.mark.python]
 
 
 class Recorder(object):
