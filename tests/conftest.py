@@ -19,20 +19,25 @@ def pytest_addoption(parser):
              "tests on TF 2.x (TF 1.x is in graph mode anyway)")
 
 
-# Which tests this environment runs (tox.ini sets it): "full", the whole
-# suite, on the floor and the newest release of each Keras flavour; "core",
-# the tests marked core, on every TensorFlow minor in between; "python", the
-# tests marked python, where only Python's version differs from an
-# environment that runs one of those two; "errors", the tests marked errors,
-# where the installed Keras is one gradaccum refuses.
+# Which tests this environment's eager pass runs (tox.ini sets it): "full",
+# the whole suite, on the floor and the newest release of each Keras flavour;
+# "core", the tests marked core, on every TensorFlow minor in between; "python",
+# the tests marked python, where the tests outside it would run code another
+# environment runs (only Python's version differs, or the Keras code is another
+# row's); "errors", the tests marked errors, where the installed Keras is one
+# gradaccum refuses. A graph pass (--graph-mode, on the three environments that
+# make one) runs every graph-mode test whatever the eager pass runs: each is the
+# only graph pass of its Keras.
 SUITES = ("full", "core", "python", "errors")
 
 
-def suite():
+def suite(config=None):
     value = os.environ.get("GRADACCUM_SUITE", "full")
     if value not in SUITES:
         raise pytest.UsageError(
             "GRADACCUM_SUITE must be one of {}. Received: GRADACCUM_SUITE={!r}".format(SUITES, value))
+    if config is not None and config.getoption("--graph-mode"):
+        return "full"
     return value
 
 
@@ -54,8 +59,8 @@ def pytest_configure(config):
         "markers", "python: the Python subset (the installed wheel, the private attributes, the "
         "window's arithmetic, bad input, the three model kinds, a custom loop in a tf.function, "
         "saving and reloading: what a Python version can change), run alone where only Python's "
-        "version differs from an environment that runs the core subset or the full suite "
-        "(GRADACCUM_SUITE=python)")
+        "version differs from an environment that runs the core subset or the full suite, or "
+        "where the Keras code is another such environment's (GRADACCUM_SUITE=python)")
     config.addinivalue_line(
         "markers", "errors: bad input and refused runtimes (test_errors), run alone where "
         "gradaccum refuses the installed Keras (GRADACCUM_SUITE=errors)")
@@ -75,7 +80,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    chosen = suite()
+    chosen = suite(config)
     if chosen != "full":
         # Deselected, not skipped: the matrix table names the suite, and the
         # skip counts stay the chosen tests' own.
@@ -152,7 +157,7 @@ def pytest_terminal_summary(terminalreporter):
         "tensorflow": tf.__version__,
         "keras": _keras_description(),
         "mode": "eager" if _compat.executing_eagerly() else "graph",
-        "suite": suite(),
+        "suite": suite(terminalreporter.config),
         "passed": len(stats.get("passed", [])),
         "failed": len(stats.get("failed", [])) + len(stats.get("error", [])),
         "skipped": len(stats.get("skipped", [])),

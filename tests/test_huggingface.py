@@ -18,7 +18,9 @@ import pytest
 import helpers
 
 helpers.require_mode(eager=True)
-pytestmark = pytest.mark.heavy
+# Core, so that py311-tf215's eager pass (the core subset) runs it: nowhere
+# else is transformers installed, and the module skips itself there.
+pytestmark = [pytest.mark.heavy, pytest.mark.core]
 if importlib.util.find_spec("transformers") is None:
     pytest.skip("transformers is not installed here (tox installs it in py311-tf215)", allow_module_level=True)
 
