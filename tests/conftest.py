@@ -49,7 +49,8 @@ LOGICAL_CPUS = 2
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "heavy: multi-process, distributed or long tests; tox runs them in one "
-        "environment per Keras flavour (GRADACCUM_HEAVY=0 skips them elsewhere)")
+        "environment per Keras flavour (GRADACCUM_HEAVY=0 skips them elsewhere, "
+        "GRADACCUM_HEAVY=core all but the core subset's)")
     config.addinivalue_line(
         "markers", "core: the core subset (exactness over optimizers, the three model kinds, "
         "saving and reloading, MirroredStrategy, the updates log, the private attributes "
@@ -64,7 +65,8 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "errors: bad input and refused runtimes (test_errors), run alone where "
         "gradaccum refuses the installed Keras (GRADACCUM_SUITE=errors)")
-    suite()  # a bad GRADACCUM_SUITE is an error before anything runs
+    suite()  # a bad GRADACCUM_SUITE or GRADACCUM_HEAVY is an error before anything runs
+    heavy_setting()
     # The suite's models are small: every sum would be scaled to its mean out
     # of place (below _window.IN_PLACE_ELEMENTS). Scale them all in place, so
     # that every exactness test covers the path large models take; test_window
@@ -90,12 +92,27 @@ def pytest_collection_modifyitems(config, items):
             items[:] = [item for item in items if chosen in item.keywords]
     # Python 3.8 against 3.7, or 3.13 against 3.11, does not change what these
     # tests answer; the Keras flavour does (tox.ini says which env runs them).
-    if os.environ.get("GRADACCUM_HEAVY", "1") != "0":
+    # "core": only the heavy tests of the core subset (MirroredStrategy's
+    # exactness), where a flavour's other environment runs the rest.
+    heavy = heavy_setting()
+    if heavy == "1":
         return
-    skip = pytest.mark.skip(reason="heavy: runs in one environment per Keras flavour (GRADACCUM_HEAVY=0 here)")
+    skip = pytest.mark.skip(reason="heavy: runs in one environment per Keras flavour "
+                                   "(GRADACCUM_HEAVY={} here)".format(heavy))
     for item in items:
-        if "heavy" in item.keywords:
+        if "heavy" in item.keywords and not (heavy == "core" and "core" in item.keywords):
             item.add_marker(skip)
+
+
+HEAVY_SETTINGS = ("1", "0", "core")
+
+
+def heavy_setting():
+    value = os.environ.get("GRADACCUM_HEAVY", "1")
+    if value not in HEAVY_SETTINGS:
+        raise pytest.UsageError(
+            "GRADACCUM_HEAVY must be one of {}. Received: GRADACCUM_HEAVY={!r}".format(HEAVY_SETTINGS, value))
+    return value
 
 
 @pytest.fixture(autouse=True)
