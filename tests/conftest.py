@@ -31,11 +31,17 @@ def pytest_addoption(parser):
 SUITES = ("full", "core", "python", "errors")
 
 
-def suite(config=None):
-    value = os.environ.get("GRADACCUM_SUITE", "full")
-    if value not in SUITES:
+def _setting(variable, allowed, default):
+    """$variable (`default` when unset), refused with a usage error unless it is one of `allowed`."""
+    value = os.environ.get(variable, default)
+    if value not in allowed:
         raise pytest.UsageError(
-            "GRADACCUM_SUITE must be one of {}. Received: GRADACCUM_SUITE={!r}".format(SUITES, value))
+            "{} must be one of {}. Received: {}={!r}".format(variable, allowed, variable, value))
+    return value
+
+
+def suite(config=None):
+    value = _setting("GRADACCUM_SUITE", SUITES, "full")
     if config is not None and config.getoption("--graph-mode"):
         return "full"
     return value
@@ -108,11 +114,7 @@ HEAVY_SETTINGS = ("1", "0", "core")
 
 
 def heavy_setting():
-    value = os.environ.get("GRADACCUM_HEAVY", "1")
-    if value not in HEAVY_SETTINGS:
-        raise pytest.UsageError(
-            "GRADACCUM_HEAVY must be one of {}. Received: GRADACCUM_HEAVY={!r}".format(HEAVY_SETTINGS, value))
-    return value
+    return _setting("GRADACCUM_HEAVY", HEAVY_SETTINGS, "1")
 
 
 @pytest.fixture(autouse=True)
