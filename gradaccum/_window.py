@@ -11,13 +11,17 @@ when the loss is a per-sample mean (Keras' default reduction). A short
 micro-batch therefore counts for what it holds, and a short window at the end
 of an epoch equals the big batch's short last batch.
 
-Where a variable is large (IN_PLACE_ELEMENTS), the sums are kept divided by
-the window's *planned* weight, n times its first micro-batch's size: each
-micro-batch adds b_k / planned * g_k in one fused pass. A window whose
-micro-batches are all that large (the usual case) then holds its mean when it
-is due, and hands it over as it is; any other (a short last window, n changed
-mid-window) is scaled by planned / sum_k b_k first. Windows of small variables
-only plan 1: their sums are the weighted sums, and their mean a small pass.
+Where a variable is large (IN_PLACE_ELEMENTS), the sums are kept in units
+of the window's first micro-batch: divided by its size, the window's
+*planned* weight. A micro-batch as large adds its gradients as they are, in
+one pass that writes into the gradient's own buffer; the one that completes
+the window (known before it is added) adds them and divides by the window's
+micro-batches in the same pass's buffer, so the window holds its mean when it
+is due and hands it over as it is. A micro-batch of another size adds
+b_k / planned * g_k in one fused pass, and a window that ends that way (a
+short last micro-batch, a flush) is scaled by planned / sum_k b_k first.
+Windows of small variables only plan 1: their sums are the weighted sums,
+and their mean a small pass.
 
 The window also knows where the current epoch ends (when the route tells it)
 so that a partial window can be applied in the same step as the epoch's last
@@ -221,16 +225,25 @@ class Window(object):
     def _write_or_add(self, grads, weight):
         """The sums' part of `add`: a window's first micro-batch writes them, later ones add.
 
-        The first also sets the window's planned weight (`_planned`), by
-        which every micro-batch's weight is divided. Adding is one fused
-        pass (`_add_scaled`), or a scatter of the rows a
-        sparse gradient names. Writing spares the window its zeros: `reset`
-        leaves the sums as they are, since nothing reads them while the
-        count is 0. Zeros made anew would cost a pass per window; zeros TF
-        folds into a constant stay alive as long as the function, and the
-        first fused add after them copies them first (measured: that copy
-        left the MLP 1.6-3.4% behind gradient-accumulator and Keras 3's own
-        accumulation, which allocates on every add instead). A sparse sum is
+        In a window that plans (`_planning`), the first also sets the
+        planned weight (`_planned`, its own size), by which every
+        micro-batch's weight is divided. A micro-batch of that size (scale
+        exactly 1) is written as it is, and added as `grad + sum`, whose
+        result TF writes into the gradient's buffer, which the sum then
+        keeps; the one that completes the window is also divided there
+        (`_finish`). The fused in-place add (`_add_scaled`) writes into the
+        sum's buffer, which the backward pass has not just touched (measured
+        on the benchmark's MLP, one core, a micro-step: the fused add 4065 us,
+        `grad + sum` 3966 us; writing the gradient 3384 us, scaled 3628 us;
+        the adds and the division 4198 us). Other sizes take the fused add,
+        and so do windows that do not plan, whose scale is the weight
+        itself. A sparse gradient is scattered into the rows it names.
+        Writing spares the window its zeros: `reset` leaves the sums as
+        they are, since nothing reads them while the count is 0. Zeros made
+        anew would cost a pass per window; zeros TF folds into a constant
+        stay alive as long as the function, and the first add after them
+        copies them first (measured: that copy left the MLP 1.6-3.4% behind
+        gradient-accumulator and Keras 3's own accumulation). A sparse sum is
         written zeros and then scattered into, and a variable with no
         gradient in the first micro-batch is written zeros.
         """
@@ -252,6 +265,7 @@ class Window(object):
                 planned = self._planned(weight)
                 scale = weight / planned
                 written.append(self.planned.assign(planned, read_value=False))
+            dense = []
             for key, total in self._sums.items():
                 grad = grads.get(key)
                 if grad is None or isinstance(grad, tf.IndexedSlices):
@@ -260,17 +274,63 @@ class Window(object):
                         with tf.control_dependencies(written[-1:]):
                             written.append(update(total, grad, scale))
                 else:
-                    written.append(total.assign(grad * tf.cast(scale, total.dtype), read_value=False))
-            with tf.control_dependencies(written):
-                return tf.constant(True)
+                    dense.append((total, grad))
+
+            def scaled():
+                return _done([total.assign(grad * tf.cast(scale, total.dtype), read_value=False)
+                              for total, grad in dense])
+
+            if dense and planning:
+                written.append(tf.cond(tf.equal(scale, 1.0), lambda: _done(
+                    [total.assign(grad, read_value=False) for total, grad in dense]), scaled))
+            elif dense:
+                written.append(scaled())
+            return _done(written, True)
 
         def add():
             scale = weight / self.planned if planning else weight
-            added = [update(self._sums[key], grad, scale) for key, grad in grads.items()]
-            with tf.control_dependencies(added):
-                return tf.constant(False)
+
+            def scaled():
+                return _done([update(self._sums[key], grad, scale) for key, grad in grads.items()])
+
+            if not planning:
+                return scaled()
+
+            def unit():
+                return _done([update(self._sums[key], grad, scale) if isinstance(grad, tf.IndexedSlices)
+                              else _add_unit(self._sums[key], grad) for key, grad in grads.items()])
+
+            if self._rows or any(isinstance(grad, tf.IndexedSlices) for grad in grads.values()):
+                as_unit = unit  # (a sparse sum's mean is taken over its rows, in `mean`)
+            else:
+                last = self._due_at(self.count + 1, self.epoch_step + 1 if self.epochs else None)
+                as_unit = lambda: tf.cond(last, lambda: self._finish(grads, weight), unit)
+            return tf.cond(tf.equal(scale, 1.0), as_unit, scaled)
 
         return tf.cond(tf.equal(self.count, 0), write, add)
+
+    def _finish(self, grads, weight):
+        """Adds the micro-batch that completes a window, planned-size, and makes the sums its mean.
+
+        Each sum becomes (grad + sum) * planned / weight, the window's
+        weight with this micro-batch's, in the gradient's buffer (a sum
+        without a gradient this time is scaled out of place); the planned
+        weight becomes the window's weight, so that `mean` hands the sums
+        over as they are. Only for a window whose sums are all dense.
+        """
+        total_weight = self.weight + weight
+        factor = self.planned / total_weight  # (> 0: a planned-size micro-batch has samples)
+        written = []
+        for key, total in self._sums.items():
+            grad = grads.get(key)
+            factor_here = tf.cast(factor, total.dtype)
+            if grad is None:
+                written.append(total.assign(total.read_value() * factor_here, read_value=False))
+            else:
+                written.append(total.assign((grad + total.read_value()) * factor_here, read_value=False))
+        with tf.control_dependencies(written):
+            written.append(self.planned.assign(total_weight, read_value=False))
+        return _done(written)
 
     def _large(self):
         """The dense variables whose sums are large (IN_PLACE_ELEMENTS), in order."""
@@ -294,11 +354,11 @@ class Window(object):
     def _planned(self, weight):
         """The weight a window whose first micro-batch weighs `weight` divides its sums by.
 
-        n times that weight: the window's weight if its micro-batches are
-        all as large, which makes its sums its mean. A first micro-batch of
-        no samples (a replica that got none) plans 1.
+        That weight itself, so that micro-batches as large add their
+        gradients as they are. A first micro-batch of no samples (a replica
+        that got none) plans 1.
         """
-        return tf.where(weight > 0.0, weight * tf.cast(self.n_variable, tf.float32), tf.constant(1.0))
+        return tf.where(weight > 0.0, weight, tf.constant(1.0))
 
     def due(self, added=False):
         """True when the open window must be applied now.
@@ -308,12 +368,16 @@ class Window(object):
         a micro-batch was just added, so the window is not empty (one test
         less a micro-step).
         """
-        due = self.count >= self.n_variable
-        if self.epochs:
-            epoch_over = tf.logical_and(
-                self.epoch_steps > 0, self.epoch_step >= self.epoch_steps)
-            due = tf.logical_or(due, epoch_over)
+        due = self._due_at(self.count, self.epoch_step if self.epochs else None)
         return due if added else tf.logical_and(self.count > 0, due)
+
+    def _due_at(self, count, epoch_step):
+        """Whether a window of `count` micro-batches, at `epoch_step` in its epoch, is due."""
+        due = count >= self.n_variable
+        if self.epochs:
+            epoch_over = tf.logical_and(self.epoch_steps > 0, epoch_step >= self.epoch_steps)
+            due = tf.logical_or(due, epoch_over)
+        return due
 
     def mean(self):
         """(gradient, variable) pairs of the window's size-weighted mean gradient.
@@ -323,10 +387,10 @@ class Window(object):
         the rows a sparse gradient names, and so does the big batch. A window
         of no samples (a replica that got none) has a zero mean, not 0/0.
 
-        The sums are scaled by planned / weight (1 in a window that weighs
-        what it planned). A large variable's are not scaled at all where
-        that is 1: a window that weighs what it planned hands them over as
-        they are, with no pass over them (measured: that pass left a custom
+        The sums are scaled by planned / weight (1 in a window whose last
+        micro-batch made them its mean, `_finish`). A large variable's are
+        not scaled at all where that is 1: they are handed over as they
+        are, with no pass over them (measured: that pass left a custom
         loop on the benchmark's MLP 1.5% behind Keras 3's own accumulation).
         Otherwise they are scaled in their own memory (`_scaled_in_place`):
         the sums are not read again before the next window writes them, and
@@ -727,8 +791,26 @@ def _add_scaled(total, grad, factor):
     return tf.raw_ops.ResourceApplyGradientDescent(var=total.handle, alpha=-factor, delta=grad)
 
 
-# Sums of at least this many elements (256 KiB of float32) are handed over
-# as they are by a window that weighs what it planned, and scaled to their
+def _add_unit(total, grad):
+    """total += grad, computed into the gradient's buffer, which `total` then keeps.
+
+    TF writes `grad + total` into `grad`'s buffer when nothing else holds it
+    (a fresh gradient), which the backward pass has just written, and the
+    assign adopts that buffer; the sum's old one is freed. Otherwise it is a
+    new buffer, adopted the same way.
+    """
+    return total.assign(grad + total.read_value(), read_value=False)
+
+
+def _done(ops, value=False):
+    """A constant `value` that runs after `ops`: what the window's `tf.cond` branches return."""
+    with tf.control_dependencies(ops):
+        return tf.constant(value)
+
+
+# Sums of at least this many elements (256 KiB of float32) are kept in units
+# of the window's first micro-batch, handed over as they are by a window whose
+# last micro-batch made them its mean (`Window._finish`), and scaled to their
 # mean in place by any other, in a `tf.cond` (see `Window.mean`). Smaller
 # ones are scaled out of place every time, which takes the fewest ops: their
 # copies are small, and each op a function holds is memory that a loop of
