@@ -16,8 +16,9 @@ of the window's first micro-batch: divided by its size, the window's
 *planned* weight. A micro-batch as large adds its gradients as they are, in
 one pass that writes into the gradient's own buffer; the one that completes
 the window (known before it is added) adds them and divides by the window's
-micro-batches in the same pass's buffer, so the window holds its mean when it
-is due and hands it over as it is. A micro-batch of another size adds
+micro-batches in that buffer, which the optimizer gets as the mean (in a
+strategy's replica, whose update runs elsewhere, the sums are made the mean
+and handed over as they are). A micro-batch of another size adds
 b_k / planned * g_k in one fused pass, and a window that ends that way (a
 short last micro-batch, a flush) is scaled by planned / sum_k b_k first.
 Windows of small variables only plan 1: their sums are the weighted sums,
@@ -196,8 +197,12 @@ class Window(object):
         """Adds one micro-batch: sum += batch_size / planned * grad, count += 1.
 
         A window's first micro-batch writes the sums instead, and sets the
-        window's planned weight (`_write_or_add`).
+        window's planned weight (`_write_or_add`). Returns the op.
         """
+        return self._add(grads_and_vars, batch_size)[0]
+
+    def _add(self, grads_and_vars, batch_size):
+        """`add`, returning (its op, the mean it may have made: see `_write_or_add`)."""
         weight = tf.cast(batch_size, tf.float32)
         updates = []
         grads = {}  # variable_key(var) -> gradient, in its sum's dtype
@@ -215,12 +220,13 @@ class Window(object):
             else:
                 grad = tf.cast(grad, total.dtype)
             grads[variable_key(var)] = grad
-        updates.append(self._write_or_add(grads, weight))
+        written, prepared = self._write_or_add(grads, weight)
+        updates.append(written)
         with tf.control_dependencies(updates):  # (graph mode: the count is read first)
             updates += [self.weight.assign_add(weight), self.count.assign_add(1)]
             if self.epochs:
                 updates.append(self.epoch_step.assign_add(1))
-        return tf.group(*updates)
+        return tf.group(*updates), prepared
 
     def _write_or_add(self, grads, weight):
         """The sums' part of `add`: a window's first micro-batch writes them, later ones add.
@@ -231,7 +237,7 @@ class Window(object):
         exactly 1) is written as it is, and added as `grad + sum`, whose
         result TF writes into the gradient's buffer, which the sum then
         keeps; the one that completes the window is also divided there
-        (`_finish`). The fused in-place add (`_add_scaled`) writes into the
+        (`_finish`), and handed on as the mean. The fused in-place add (`_add_scaled`) writes into the
         sum's buffer, which the backward pass has not just touched (measured
         on the benchmark's MLP, one core, a micro-step: the fused add 4065 us,
         `grad + sum` 3966 us; writing the gradient 3384 us, scaled 3628 us;
@@ -246,9 +252,15 @@ class Window(object):
         gradient-accumulator and Keras 3's own accumulation). A sparse sum is
         written zeros and then scattered into, and a variable with no
         gradient in the first micro-batch is written zeros.
+
+        Returns (the op, prepared): prepared is None, or where the window's
+        last micro-batch may hand the mean over as new tensors (a window
+        that plans, whose sums are all dense, outside a strategy's replica),
+        (finished, means): a boolean tensor, and one tensor per variable,
+        the mean where `finished` (see `mean`).
         """
         if not self._sums:
-            return tf.no_op()
+            return tf.no_op(), None
 
         def update(total, grad, scale):
             scale = tf.cast(scale, total.dtype)
@@ -257,6 +269,21 @@ class Window(object):
             return _add_scaled(total, grad, scale)
 
         planning = self._planning()
+        finishing = planning and not self._rows and not any(
+            isinstance(grad, tf.IndexedSlices) for grad in grads.values())  # (a sparse mean is over its rows)
+        # Outside a strategy's replicas, the window's last micro-batch hands
+        # its mean over as new tensors (`_finish`), which each branch returns.
+        fresh = finishing and _strategy_replica() is None
+        sums = list(self._sums.values())
+
+        def out(value, ops, means=None):
+            flag = _done(ops, value)
+            if not fresh:
+                return flag
+            with tf.control_dependencies(ops):  # (the sums as they are: read only where `finished`)
+                if means is None:
+                    return flag, tf.constant(False), [total.read_value() for total in sums]
+                return flag, tf.constant(True), means
 
         def write():
             written = []
@@ -285,52 +312,66 @@ class Window(object):
                     [total.assign(grad, read_value=False) for total, grad in dense]), scaled))
             elif dense:
                 written.append(scaled())
-            return _done(written, True)
+            return out(True, written)
 
         def add():
             scale = weight / self.planned if planning else weight
 
             def scaled():
-                return _done([update(self._sums[key], grad, scale) for key, grad in grads.items()])
+                return out(False, [update(self._sums[key], grad, scale) for key, grad in grads.items()])
 
             if not planning:
                 return scaled()
 
             def unit():
-                return _done([update(self._sums[key], grad, scale) if isinstance(grad, tf.IndexedSlices)
-                              else _add_unit(self._sums[key], grad) for key, grad in grads.items()])
+                return out(False, [update(self._sums[key], grad, scale) if isinstance(grad, tf.IndexedSlices)
+                                   else _add_unit(self._sums[key], grad) for key, grad in grads.items()])
 
-            if self._rows or any(isinstance(grad, tf.IndexedSlices) for grad in grads.values()):
-                as_unit = unit  # (a sparse sum's mean is taken over its rows, in `mean`)
-            else:
-                last = self._due_at(self.count + 1, self.epoch_step + 1 if self.epochs else None)
-                as_unit = lambda: tf.cond(last, lambda: self._finish(grads, weight), unit)
-            return tf.cond(tf.equal(scale, 1.0), as_unit, scaled)
+            if not finishing:
+                return tf.cond(tf.equal(scale, 1.0), unit, scaled)
+            last = self._due_at(self.count + 1, self.epoch_step + 1 if self.epochs else None)
 
-        return tf.cond(tf.equal(self.count, 0), write, add)
+            def finish():
+                means = self._finish(grads, weight, fresh)  # (graph mode: before the counters move)
+                return out(False, means, means) if fresh else out(False, [means])
 
-    def _finish(self, grads, weight):
-        """Adds the micro-batch that completes a window, planned-size, and makes the sums its mean.
+            return tf.cond(tf.equal(scale, 1.0), lambda: tf.cond(last, finish, unit), scaled)
 
-        Each sum becomes (grad + sum) * planned / weight, the window's
-        weight with this micro-batch's, in the gradient's buffer (a sum
-        without a gradient this time is scaled out of place); the planned
-        weight becomes the window's weight, so that `mean` hands the sums
-        over as they are. Only for a window whose sums are all dense.
+        result = tf.cond(tf.equal(self.count, 0), write, add)
+        if not fresh:
+            return result, None
+        flag, finished, means = result
+        return flag, (finished, list(means) if isinstance(means, (list, tuple)) else [means])
+
+    def _finish(self, grads, weight, fresh):
+        """The mean of a window whose last micro-batch, of the planned size, is being added.
+
+        Each sum's mean is (grad + sum) * planned / weight, the window's
+        weight with this micro-batch's, made in the gradient's buffer (a sum
+        without a gradient this time is scaled out of place). `fresh`:
+        returns them, as new tensors for the optimizer, whose first product
+        with them TF may then write in their own buffers (measured on the
+        benchmark's MLP, one core, the update's micro-step: 6288 us with new
+        tensors, 6778 us with the sums handed over, whose buffer the
+        optimizer must not write; Keras 3's own accumulation 6342 us).
+        Otherwise (in a strategy's replica, whose update runs in
+        `merge_call`) assigns them to the sums and the window's weight to
+        `planned`, so that `mean` hands the sums over as they are, and
+        returns that op. Only for a window whose sums are all dense.
         """
         total_weight = self.weight + weight
         factor = self.planned / total_weight  # (> 0: a planned-size micro-batch has samples)
-        written = []
+        means = []
         for key, total in self._sums.items():
             grad = grads.get(key)
             factor_here = tf.cast(factor, total.dtype)
-            if grad is None:
-                written.append(total.assign(total.read_value() * factor_here, read_value=False))
-            else:
-                written.append(total.assign((grad + total.read_value()) * factor_here, read_value=False))
+            means.append((total.read_value() if grad is None else grad + total.read_value()) * factor_here)
+        if fresh:
+            return means
+        written = [total.assign(mean, read_value=False) for total, mean in zip(self._sums.values(), means)]
         with tf.control_dependencies(written):
             written.append(self.planned.assign(total_weight, read_value=False))
-        return _done(written)
+        return tf.group(*written)
 
     def _large(self):
         """The dense variables whose sums are large (IN_PLACE_ELEMENTS), in order."""
@@ -379,8 +420,12 @@ class Window(object):
             due = tf.logical_or(due, epoch_over)
         return due
 
-    def mean(self):
+    def mean(self, prepared=None):
         """(gradient, variable) pairs of the window's size-weighted mean gradient.
+
+        `prepared`: (finished, means) from `_write_or_add`, where its last
+        micro-batch may have made the mean already (`_finish`): those means
+        where `finished`, and the sums' otherwise.
 
         A variable that got sparse gradients gets a sparse mean over the rows
         the window touched: optimizers such as momentum and RMSProp update only
@@ -398,6 +443,21 @@ class Window(object):
         Smaller sums are scaled out of place, outside any `tf.cond` (see
         IN_PLACE_ELEMENTS).
         """
+        if prepared is None:
+            return self._mean_of_sums()
+        finished, fresh = prepared
+
+        def of_sums():
+            return [grad for grad, _ in self._mean_of_sums()]
+
+        means = tf.cond(finished, lambda: [tf.cast(mean, var.dtype) for mean, var in zip(fresh, self.variables)],
+                        of_sums)
+        if not isinstance(means, (list, tuple)):  # (TF 1.x's cond unpacks a list of one)
+            means = [means]
+        return list(zip(means, self.variables))
+
+    def _mean_of_sums(self):
+        """`mean`, from the sums."""
         if self.reduction == SUM:
             factor = None
         elif self._planning():
@@ -460,9 +520,10 @@ class Window(object):
         """
         grads_and_vars = list(grads_and_vars)
         self.build([var for grad, var in grads_and_vars if grad is not None])
-        with tf.control_dependencies([self.add(grads_and_vars, batch_size)] + list(adds)):
+        added, prepared = self._add(grads_and_vars, batch_size)
+        with tf.control_dependencies([added] + list(adds)):
             due = self.due(added=True)
-        return self._apply_if(due, apply_fn)
+        return self._apply_if(due, apply_fn, prepared)
 
     def add_moments(self, layer, x, axes, bessel, moments=None, call=0):
         """Adds one micro-batch's statistics of a BatchNormalization layer's input `x`.
@@ -520,8 +581,11 @@ class Window(object):
             return strategy.experimental_local_results(applied)[0]
         return self._apply_if(self.count > 0, apply_fn)
 
-    def _apply_if(self, condition, apply_fn):
+    def _apply_if(self, condition, apply_fn, prepared=None):
         """`self.apply(apply_fn)` where `condition` holds, in a `tf.cond`.
+
+        `prepared`: the mean the window's last micro-batch may have made
+        (see `mean`); never in a strategy's replica.
 
         In a replica context of a `tf.distribute` strategy, a `tf.cond` here
         could not hold the optimizer's all-reduce (a `merge_call` inside a
@@ -539,8 +603,8 @@ class Window(object):
         if replica is None:
             def update():
                 if not self.skip_nonfinite:
-                    return self.apply(apply_fn)
-                return tf.cond(self._finite(), lambda: self.apply(apply_fn), self.skip)
+                    return self.apply(apply_fn, prepared)
+                return tf.cond(self._finite(prepared), lambda: self.apply(apply_fn, prepared), self.skip)
             return tf.cond(condition, update, lambda: tf.constant(False))
 
         def apply_if(strategy, condition):
@@ -563,13 +627,20 @@ class Window(object):
 
         return replica.merge_call(apply_if, args=(condition,))
 
-    def _finite(self):
-        """Whether every sum of the open window is finite.
+    def _finite(self, prepared=None):
+        """Whether every sum of the open window is finite (its mean's, where `_finish` made it: see `mean`).
 
         A float sum stays inf or nan once one addend was, so this is
         whether every gradient added in the window was finite.
         """
-        return tf.reduce_all([tf.reduce_all(tf.math.is_finite(total)) for total in self._sums.values()])
+        def finite(tensors):
+            return tf.reduce_all([tf.reduce_all(tf.math.is_finite(tensor)) for tensor in tensors])
+
+        sums = list(self._sums.values())
+        if prepared is None:
+            return finite(sums)
+        finished, fresh = prepared
+        return tf.cond(finished, lambda: finite(fresh), lambda: finite(sums))
 
     def skip(self):
         """Empties the window without an update, and counts it in `skipped`. Returns False."""
@@ -577,7 +648,7 @@ class Window(object):
             with tf.control_dependencies([self.skipped.assign_add(1)]):
                 return tf.constant(False)
 
-    def apply(self, apply_fn):
+    def apply(self, apply_fn, prepared=None):
         """Applies the window's mean with `apply_fn`, then empties the window.
 
         The mean is clipped adaptively first where `agc` is set, and the
@@ -589,7 +660,7 @@ class Window(object):
         (ordered explicitly for graph mode; eager code and `tf.function` keep
         program order). Returns True, for `tf.cond`.
         """
-        mean = self.mean()
+        mean = self.mean(prepared)
         if self.agc is not None:
             mean = adaptive_clip(mean, self.agc, self.agc_eps)
         applied = apply_fn(mean)

@@ -217,8 +217,8 @@ def loop_variants(keras):
         The window's own arithmetic for micro-batches of one size (see
         gradaccum's `_window`): the first micro-step of a window writes its
         gradients, the others add them as `grad + sum` into the gradient's
-        buffer, and the n-th also divides by n there and hands the sums to
-        the optimizer as they are. Which step is which is counted in Python
+        buffer, and the n-th adds and divides by n there and hands that to
+        the optimizer, as new tensors. Which step is which is counted in Python
         (a trace for each kind), so no counter, condition or weight runs in
         the graph.
         """
@@ -233,15 +233,15 @@ def loop_variants(keras):
             if first and last:  # (n = 1)
                 opt.apply_gradients(zip(grads, variables))
                 return
+            if last:  # (the mean as new tensors, whose buffers the optimizer may write)
+                opt.apply_gradients([((grad + total.read_value()) * (1.0 / n), v)
+                                     for total, grad, v in zip(sums, grads, variables)])
+                return
             for total, grad in zip(sums, grads):
                 if first:
                     total.assign(grad, read_value=False)
-                elif last:
-                    total.assign((grad + total.read_value()) * (1.0 / n), read_value=False)
                 else:
                     total.assign(grad + total.read_value(), read_value=False)
-            if last:
-                opt.apply_gradients([(total.read_value(), v) for total, v in zip(sums, variables)])
 
         taken = [0]
 
@@ -786,7 +786,7 @@ def merge(out):
                       "round's, with their spread. `loop:` rows are custom training loops (a tf.function step per "
                       "micro-batch); `loop: floor` is that loop's gradients alone, `loop: bound` a lean exact "
                       "accumulation there (the gradients, one add into the gradient's buffer, the last with the "
-                      "division by n, the update every n-th step on the sums as they are).".format(first["b"], first["rounds"], _per_model(run["throughput"], "steps_per_round"),
+                      "division by n, handed to the update as new tensors every n-th step).".format(first["b"], first["rounds"], _per_model(run["throughput"], "steps_per_round"),
                           first["rounds"], _per_model(run["throughput"], "instances")), "",
                       "| model | n | variant | samples/s | spread | vs plain (spread) | vs floor (spread) |",
                       "|---|---|---|---|---|---|---|"]
