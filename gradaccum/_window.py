@@ -11,18 +11,13 @@ when the loss is a per-sample mean (Keras' default reduction). A short
 micro-batch therefore counts for what it holds, and a short window at the end
 of an epoch equals the big batch's short last batch.
 
-Where a variable is large (IN_PLACE_ELEMENTS), the sums are kept in units
-of the window's first micro-batch: divided by its size, the window's
-*planned* weight. A micro-batch as large adds its gradients as they are, in
-one pass that writes into the gradient's own buffer; the one that completes
-the window (known before it is added) adds them and divides by the window's
-micro-batches in that buffer, which the optimizer gets as the mean (in a
-strategy's replica, whose update runs elsewhere, the sums are made the mean
-and handed over as they are). A micro-batch of another size adds
-b_k / planned * g_k in one fused pass, and a window that ends that way (a
-short last micro-batch, a flush) is scaled by planned / sum_k b_k first.
-Windows of small variables only plan 1: their sums are the weighted sums,
-and their mean a small pass.
+Where a variable is large (IN_PLACE_ELEMENTS), the sums are kept divided by
+the window's *planned* weight, n times its first micro-batch's size: each
+micro-batch adds b_k / planned * g_k in one fused pass. A window whose
+micro-batches are all that large (the usual case) then holds its mean when it
+is due, and hands it over as it is; any other (a short last window, n changed
+mid-window) is scaled by planned / sum_k b_k first. Windows of small variables
+only plan 1: their sums are the weighted sums, and their mean a small pass.
 
 The window also knows where the current epoch ends (when the route tells it)
 so that a partial window can be applied in the same step as the epoch's last
@@ -197,12 +192,8 @@ class Window(object):
         """Adds one micro-batch: sum += batch_size / planned * grad, count += 1.
 
         A window's first micro-batch writes the sums instead, and sets the
-        window's planned weight (`_write_or_add`). Returns the op.
+        window's planned weight (`_write_or_add`).
         """
-        return self._add(grads_and_vars, batch_size)[0]
-
-    def _add(self, grads_and_vars, batch_size):
-        """`add`, returning (its op, the mean it may have made: see `_write_or_add`)."""
         weight = tf.cast(batch_size, tf.float32)
         updates = []
         grads = {}  # variable_key(var) -> gradient, in its sum's dtype
@@ -220,47 +211,31 @@ class Window(object):
             else:
                 grad = tf.cast(grad, total.dtype)
             grads[variable_key(var)] = grad
-        written, prepared = self._write_or_add(grads, weight)
-        updates.append(written)
+        updates.append(self._write_or_add(grads, weight))
         with tf.control_dependencies(updates):  # (graph mode: the count is read first)
             updates += [self.weight.assign_add(weight), self.count.assign_add(1)]
             if self.epochs:
                 updates.append(self.epoch_step.assign_add(1))
-        return tf.group(*updates), prepared
+        return tf.group(*updates)
 
     def _write_or_add(self, grads, weight):
         """The sums' part of `add`: a window's first micro-batch writes them, later ones add.
 
-        In a window that plans (`_planning`), the first also sets the
-        planned weight (`_planned`, its own size), by which every
-        micro-batch's weight is divided. A micro-batch of that size (scale
-        exactly 1) is written as it is, and added as `grad + sum`, whose
-        result TF writes into the gradient's buffer, which the sum then
-        keeps; the one that completes the window is also divided there
-        (`_finish`), and handed on as the mean. The fused in-place add (`_add_scaled`) writes into the
-        sum's buffer, which the backward pass has not just touched (measured
-        on the benchmark's MLP, one core, a micro-step: the fused add 4065 us,
-        `grad + sum` 3966 us; writing the gradient 3384 us, scaled 3628 us;
-        the adds and the division 4198 us). Other sizes take the fused add,
-        and so do windows that do not plan, whose scale is the weight
-        itself. A sparse gradient is scattered into the rows it names.
-        Writing spares the window its zeros: `reset` leaves the sums as
-        they are, since nothing reads them while the count is 0. Zeros made
-        anew would cost a pass per window; zeros TF folds into a constant
-        stay alive as long as the function, and the first add after them
-        copies them first (measured: that copy left the MLP 1.6-3.4% behind
-        gradient-accumulator and Keras 3's own accumulation). A sparse sum is
+        The first also sets the window's planned weight (`_planned`), by
+        which every micro-batch's weight is divided. Adding is one fused
+        pass (`_add_scaled`), or a scatter of the rows a
+        sparse gradient names. Writing spares the window its zeros: `reset`
+        leaves the sums as they are, since nothing reads them while the
+        count is 0. Zeros made anew would cost a pass per window; zeros TF
+        folds into a constant stay alive as long as the function, and the
+        first fused add after them copies them first (measured: that copy
+        left the MLP 1.6-3.4% behind gradient-accumulator and Keras 3's own
+        accumulation, which allocates on every add instead). A sparse sum is
         written zeros and then scattered into, and a variable with no
         gradient in the first micro-batch is written zeros.
-
-        Returns (the op, prepared): prepared is None, or where the window's
-        last micro-batch may hand the mean over as new tensors (a window
-        that plans, whose sums are all dense, outside a strategy's replica),
-        (finished, means): a boolean tensor, and one tensor per variable,
-        the mean where `finished` (see `mean`).
         """
         if not self._sums:
-            return tf.no_op(), None
+            return tf.no_op()
 
         def update(total, grad, scale):
             scale = tf.cast(scale, total.dtype)
@@ -269,21 +244,6 @@ class Window(object):
             return _add_scaled(total, grad, scale)
 
         planning = self._planning()
-        finishing = planning and not self._rows and not any(
-            isinstance(grad, tf.IndexedSlices) for grad in grads.values())  # (a sparse mean is over its rows)
-        # Outside a strategy's replicas, the window's last micro-batch hands
-        # its mean over as new tensors (`_finish`), which each branch returns.
-        fresh = finishing and _strategy_replica() is None
-        sums = list(self._sums.values())
-
-        def out(value, ops, means=None):
-            flag = _done(ops, value)
-            if not fresh:
-                return flag
-            with tf.control_dependencies(ops):  # (the sums as they are: read only where `finished`)
-                if means is None:
-                    return flag, tf.constant(False), [total.read_value() for total in sums]
-                return flag, tf.constant(True), means
 
         def write():
             written = []
@@ -292,7 +252,6 @@ class Window(object):
                 planned = self._planned(weight)
                 scale = weight / planned
                 written.append(self.planned.assign(planned, read_value=False))
-            dense = []
             for key, total in self._sums.items():
                 grad = grads.get(key)
                 if grad is None or isinstance(grad, tf.IndexedSlices):
@@ -301,77 +260,17 @@ class Window(object):
                         with tf.control_dependencies(written[-1:]):
                             written.append(update(total, grad, scale))
                 else:
-                    dense.append((total, grad))
-
-            def scaled():
-                return _done([total.assign(grad * tf.cast(scale, total.dtype), read_value=False)
-                              for total, grad in dense])
-
-            if dense and planning:
-                written.append(tf.cond(tf.equal(scale, 1.0), lambda: _done(
-                    [total.assign(grad, read_value=False) for total, grad in dense]), scaled))
-            elif dense:
-                written.append(scaled())
-            return out(True, written)
+                    written.append(total.assign(grad * tf.cast(scale, total.dtype), read_value=False))
+            with tf.control_dependencies(written):
+                return tf.constant(True)
 
         def add():
             scale = weight / self.planned if planning else weight
+            added = [update(self._sums[key], grad, scale) for key, grad in grads.items()]
+            with tf.control_dependencies(added):
+                return tf.constant(False)
 
-            def scaled():
-                return out(False, [update(self._sums[key], grad, scale) for key, grad in grads.items()])
-
-            if not planning:
-                return scaled()
-
-            def unit():
-                return out(False, [update(self._sums[key], grad, scale) if isinstance(grad, tf.IndexedSlices)
-                                   else _add_unit(self._sums[key], grad) for key, grad in grads.items()])
-
-            if not finishing:
-                return tf.cond(tf.equal(scale, 1.0), unit, scaled)
-            last = self._due_at(self.count + 1, self.epoch_step + 1 if self.epochs else None)
-
-            def finish():
-                means = self._finish(grads, weight, fresh)  # (graph mode: before the counters move)
-                return out(False, means, means) if fresh else out(False, [means])
-
-            return tf.cond(tf.equal(scale, 1.0), lambda: tf.cond(last, finish, unit), scaled)
-
-        result = tf.cond(tf.equal(self.count, 0), write, add)
-        if not fresh:
-            return result, None
-        flag, finished, means = result
-        return flag, (finished, list(means) if isinstance(means, (list, tuple)) else [means])
-
-    def _finish(self, grads, weight, fresh):
-        """The mean of a window whose last micro-batch, of the planned size, is being added.
-
-        Each sum's mean is (grad + sum) * planned / weight, the window's
-        weight with this micro-batch's, made in the gradient's buffer (a sum
-        without a gradient this time is scaled out of place). `fresh`:
-        returns them, as new tensors for the optimizer, whose first product
-        with them TF may then write in their own buffers (measured on the
-        benchmark's MLP, one core, the update's micro-step: 6288 us with new
-        tensors, 6778 us with the sums handed over, whose buffer the
-        optimizer must not write; Keras 3's own accumulation 6342 us).
-        Otherwise (in a strategy's replica, whose update runs in
-        `merge_call`) assigns them to the sums and the window's weight to
-        `planned`, so that `mean` hands the sums over as they are, and
-        returns that op. Only for a window whose sums are all dense.
-        """
-        total_weight = self.weight + weight
-        factor = self.planned / total_weight  # (> 0: a planned-size micro-batch has samples)
-        means = []
-        for key, total in self._sums.items():
-            grad = grads.get(key)
-            factor_here = tf.cast(factor, total.dtype)
-            means.append((total.read_value() if grad is None else grad + total.read_value()) * factor_here)
-        if fresh:
-            return means
-        written = [total.assign(mean, read_value=False) for total, mean in zip(self._sums.values(), means)]
-        with tf.control_dependencies(written):
-            written.append(self.planned.assign(total_weight, read_value=False))
-        return tf.group(*written)
+        return tf.cond(tf.equal(self.count, 0), write, add)
 
     def _large(self):
         """The dense variables whose sums are large (IN_PLACE_ELEMENTS), in order."""
@@ -395,11 +294,11 @@ class Window(object):
     def _planned(self, weight):
         """The weight a window whose first micro-batch weighs `weight` divides its sums by.
 
-        That weight itself, so that micro-batches as large add their
-        gradients as they are. A first micro-batch of no samples (a replica
-        that got none) plans 1.
+        n times that weight: the window's weight if its micro-batches are
+        all as large, which makes its sums its mean. A first micro-batch of
+        no samples (a replica that got none) plans 1.
         """
-        return tf.where(weight > 0.0, weight, tf.constant(1.0))
+        return tf.where(weight > 0.0, weight * tf.cast(self.n_variable, tf.float32), tf.constant(1.0))
 
     def due(self, added=False):
         """True when the open window must be applied now.
@@ -409,33 +308,25 @@ class Window(object):
         a micro-batch was just added, so the window is not empty (one test
         less a micro-step).
         """
-        due = self._due_at(self.count, self.epoch_step if self.epochs else None)
+        due = self.count >= self.n_variable
+        if self.epochs:
+            epoch_over = tf.logical_and(
+                self.epoch_steps > 0, self.epoch_step >= self.epoch_steps)
+            due = tf.logical_or(due, epoch_over)
         return due if added else tf.logical_and(self.count > 0, due)
 
-    def _due_at(self, count, epoch_step):
-        """Whether a window of `count` micro-batches, at `epoch_step` in its epoch, is due."""
-        due = count >= self.n_variable
-        if self.epochs:
-            epoch_over = tf.logical_and(self.epoch_steps > 0, epoch_step >= self.epoch_steps)
-            due = tf.logical_or(due, epoch_over)
-        return due
-
-    def mean(self, prepared=None):
+    def mean(self):
         """(gradient, variable) pairs of the window's size-weighted mean gradient.
-
-        `prepared`: (finished, means) from `_write_or_add`, where its last
-        micro-batch may have made the mean already (`_finish`): those means
-        where `finished`, and the sums' otherwise.
 
         A variable that got sparse gradients gets a sparse mean over the rows
         the window touched: optimizers such as momentum and RMSProp update only
         the rows a sparse gradient names, and so does the big batch. A window
         of no samples (a replica that got none) has a zero mean, not 0/0.
 
-        The sums are scaled by planned / weight (1 in a window whose last
-        micro-batch made them its mean, `_finish`). A large variable's are
-        not scaled at all where that is 1: they are handed over as they
-        are, with no pass over them (measured: that pass left a custom
+        The sums are scaled by planned / weight (1 in a window that weighs
+        what it planned). A large variable's are not scaled at all where
+        that is 1: a window that weighs what it planned hands them over as
+        they are, with no pass over them (measured: that pass left a custom
         loop on the benchmark's MLP 1.5% behind Keras 3's own accumulation).
         Otherwise they are scaled in their own memory (`_scaled_in_place`):
         the sums are not read again before the next window writes them, and
@@ -443,21 +334,6 @@ class Window(object):
         Smaller sums are scaled out of place, outside any `tf.cond` (see
         IN_PLACE_ELEMENTS).
         """
-        if prepared is None:
-            return self._mean_of_sums()
-        finished, fresh = prepared
-
-        def of_sums():
-            return [grad for grad, _ in self._mean_of_sums()]
-
-        means = tf.cond(finished, lambda: [tf.cast(mean, var.dtype) for mean, var in zip(fresh, self.variables)],
-                        of_sums)
-        if not isinstance(means, (list, tuple)):  # (TF 1.x's cond unpacks a list of one)
-            means = [means]
-        return list(zip(means, self.variables))
-
-    def _mean_of_sums(self):
-        """`mean`, from the sums."""
         if self.reduction == SUM:
             factor = None
         elif self._planning():
@@ -520,10 +396,9 @@ class Window(object):
         """
         grads_and_vars = list(grads_and_vars)
         self.build([var for grad, var in grads_and_vars if grad is not None])
-        added, prepared = self._add(grads_and_vars, batch_size)
-        with tf.control_dependencies([added] + list(adds)):
+        with tf.control_dependencies([self.add(grads_and_vars, batch_size)] + list(adds)):
             due = self.due(added=True)
-        return self._apply_if(due, apply_fn, prepared)
+        return self._apply_if(due, apply_fn)
 
     def add_moments(self, layer, x, axes, bessel, moments=None, call=0):
         """Adds one micro-batch's statistics of a BatchNormalization layer's input `x`.
@@ -581,11 +456,8 @@ class Window(object):
             return strategy.experimental_local_results(applied)[0]
         return self._apply_if(self.count > 0, apply_fn)
 
-    def _apply_if(self, condition, apply_fn, prepared=None):
+    def _apply_if(self, condition, apply_fn):
         """`self.apply(apply_fn)` where `condition` holds, in a `tf.cond`.
-
-        `prepared`: the mean the window's last micro-batch may have made
-        (see `mean`); never in a strategy's replica.
 
         In a replica context of a `tf.distribute` strategy, a `tf.cond` here
         could not hold the optimizer's all-reduce (a `merge_call` inside a
@@ -603,8 +475,8 @@ class Window(object):
         if replica is None:
             def update():
                 if not self.skip_nonfinite:
-                    return self.apply(apply_fn, prepared)
-                return tf.cond(self._finite(prepared), lambda: self.apply(apply_fn, prepared), self.skip)
+                    return self.apply(apply_fn)
+                return tf.cond(self._finite(), lambda: self.apply(apply_fn), self.skip)
             return tf.cond(condition, update, lambda: tf.constant(False))
 
         def apply_if(strategy, condition):
@@ -627,20 +499,13 @@ class Window(object):
 
         return replica.merge_call(apply_if, args=(condition,))
 
-    def _finite(self, prepared=None):
-        """Whether every sum of the open window is finite (its mean's, where `_finish` made it: see `mean`).
+    def _finite(self):
+        """Whether every sum of the open window is finite.
 
         A float sum stays inf or nan once one addend was, so this is
         whether every gradient added in the window was finite.
         """
-        def finite(tensors):
-            return tf.reduce_all([tf.reduce_all(tf.math.is_finite(tensor)) for tensor in tensors])
-
-        sums = list(self._sums.values())
-        if prepared is None:
-            return finite(sums)
-        finished, fresh = prepared
-        return tf.cond(finished, lambda: finite(fresh), lambda: finite(sums))
+        return tf.reduce_all([tf.reduce_all(tf.math.is_finite(total)) for total in self._sums.values()])
 
     def skip(self):
         """Empties the window without an update, and counts it in `skipped`. Returns False."""
@@ -648,7 +513,7 @@ class Window(object):
             with tf.control_dependencies([self.skipped.assign_add(1)]):
                 return tf.constant(False)
 
-    def apply(self, apply_fn, prepared=None):
+    def apply(self, apply_fn):
         """Applies the window's mean with `apply_fn`, then empties the window.
 
         The mean is clipped adaptively first where `agc` is set, and the
@@ -660,7 +525,7 @@ class Window(object):
         (ordered explicitly for graph mode; eager code and `tf.function` keep
         program order). Returns True, for `tf.cond`.
         """
-        mean = self.mean(prepared)
+        mean = self.mean()
         if self.agc is not None:
             mean = adaptive_clip(mean, self.agc, self.agc_eps)
         applied = apply_fn(mean)
@@ -862,26 +727,8 @@ def _add_scaled(total, grad, factor):
     return tf.raw_ops.ResourceApplyGradientDescent(var=total.handle, alpha=-factor, delta=grad)
 
 
-def _add_unit(total, grad):
-    """total += grad, computed into the gradient's buffer, which `total` then keeps.
-
-    TF writes `grad + total` into `grad`'s buffer when nothing else holds it
-    (a fresh gradient), which the backward pass has just written, and the
-    assign adopts that buffer; the sum's old one is freed. Otherwise it is a
-    new buffer, adopted the same way.
-    """
-    return total.assign(grad + total.read_value(), read_value=False)
-
-
-def _done(ops, value=False):
-    """A constant `value` that runs after `ops`: what the window's `tf.cond` branches return."""
-    with tf.control_dependencies(ops):
-        return tf.constant(value)
-
-
-# Sums of at least this many elements (256 KiB of float32) are kept in units
-# of the window's first micro-batch, handed over as they are by a window whose
-# last micro-batch made them its mean (`Window._finish`), and scaled to their
+# Sums of at least this many elements (256 KiB of float32) are handed over
+# as they are by a window that weighs what it planned, and scaled to their
 # mean in place by any other, in a `tf.cond` (see `Window.mean`). Smaller
 # ones are scaled out of place every time, which takes the fewest ops: their
 # copies are small, and each op a function holds is memory that a loop of

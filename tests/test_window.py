@@ -78,11 +78,10 @@ def test_weighted_mean_over_micro_batches_of_8_8_3_6_is_applied_once_on_the_4th_
 
 @pytest.mark.parametrize("in_place", [True, False])
 def test_a_window_that_weighs_what_it_planned_hands_its_sums_over_and_others_are_scaled(monkeypatch, in_place):
-    # The sums are in units of the first micro-batch's size. A window that
-    # ends on a micro-batch of that size is made its mean as that one is
-    # added; the others are scaled by planned / weight: a short one, one
-    # whose first micro-batch had no samples (it plans 1, undivided sums),
-    # one whose n grew mid-window, and any with a sparse sum (this one).
+    # The sums are divided by n times the first micro-batch's size. Windows
+    # that weigh that hold their mean; the others are scaled by planned /
+    # weight: a short one, one whose first micro-batch had no samples (it
+    # plans 1, undivided sums), one whose n grew mid-window, and a sparse one.
     monkeypatch.setattr(_window, "IN_PLACE_ELEMENTS", 1 if in_place else 1000)
     v, embedding = variable("v", (2, 3)), variable("embedding", (5, 2))
     grads, rows = gradients((2, 3), 4), gradients((1, 2), 4, seed=3)
@@ -113,53 +112,6 @@ def test_a_window_that_weighs_what_it_planned_hands_its_sums_over_and_others_are
     assert len(recorder.calls) == len(cases)
 
 
-@pytest.mark.parametrize("sizes, then, finished", [
-    ([4, 4, 4], None, True),  # ends on a micro-batch of the first one's size: its add makes the mean
-    ([4, 2, 4], None, True),  # one of another size between: the fused add, and the last still finishes
-    ([2, 4, 4], None, False),  # the first is short: the others add scaled, and `mean` scales the sums
-    ([4, 4, 2], None, False),  # a short last micro-batch
-    ([4, 4], "flush", False),  # a flush ends it: nobody knew it was the last
-    ([4, 4], 4, True),  # n grew mid-window: the new n tells which micro-batch is the last
-])
-def test_a_window_ending_on_a_micro_batch_of_its_first_ones_size_gets_its_mean_from_that_ones_add(
-        monkeypatch, sizes, then, finished):
-    # Finished, the mean is handed over as new tensors, made from the last
-    # gradients and the sums, which keep the window's sum before it (in
-    # units of the first micro-batch). Otherwise the large sum is made its
-    # mean in its own memory, and handed over.
-    monkeypatch.setattr(_window, "IN_PLACE_ELEMENTS", 4)
-    big, small = variable("big", (2, 3)), variable("small", (3,))
-    grads_big, grads_small = gradients((2, 3), 4), gradients((3,), 4, seed=1)
-    window = Window(3)
-    seen = []
-
-    def apply_fn(pairs):  # (eager: the update branch runs as it is called)
-        seen.append({"sum": window._sums[variable_key(big)].numpy().copy(),
-                     "mean": {var.name: tf.convert_to_tensor(grad).numpy() for grad, var in pairs}})
-
-    def step(k, size):
-        window.accumulate([(tf.constant(grads_big[k]), big), (tf.constant(grads_small[k]), small)], size, apply_fn)
-
-    for k, size in enumerate(sizes):
-        step(k, size)
-    if then == "flush":
-        assert bool(window.flush(apply_fn).numpy())
-    elif then is not None:
-        window.n_variable.assign(then)
-        step(2, 4)
-        step(3, 4)
-        sizes = sizes + [4, 4]
-    assert len(seen) == 1
-    np.testing.assert_allclose(seen[0]["mean"]["big:0"], weighted_mean(grads_big, sizes), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(seen[0]["mean"]["small:0"], weighted_mean(grads_small, sizes), rtol=1e-6, atol=1e-7)
-    if finished:
-        np.testing.assert_allclose(seen[0]["sum"], weighted_mean(grads_big, sizes[:-1]) * sum(sizes[:-1]) / sizes[0],
-                                   rtol=1e-6, atol=1e-6)
-    else:
-        np.testing.assert_array_equal(seen[0]["mean"]["big:0"], seen[0]["sum"])
-    assert float(window.planned.numpy()) == 1.0 and int(window.count.numpy()) == 0
-
-
 def test_sparse_gradients_give_a_sparse_mean_over_exactly_the_touched_rows():
     embedding = variable("embedding", (10, 3))
     first = np.arange(1, 7, dtype="float32").reshape(2, 3)  # rows 1, 3
@@ -188,6 +140,7 @@ def test_sparse_gradients_give_a_sparse_mean_over_exactly_the_touched_rows():
 
 def test_float16_gradients_are_summed_in_float32():
     half = variable("half", (3,), tf.float16)
+    # (n a power of two: the sums are divided by n exactly, see `planned`.)
     window, recorder = Window(2048), Recorder()
     window.build([half])
     total = window._sums[variable_key(half)]
@@ -198,18 +151,18 @@ def test_float16_gradients_are_summed_in_float32():
         window.add([(tf.fill([3], tf.constant(small)), half)], 1)
     # The same additions in float32 (numpy), and in float16, where each 1e-4
     # is below half a unit in the last place of 1.0 and rounds away.
-    # (Micro-batches of the first one's size add as they are: see `planned`.)
-    expected, in_half = np.float32(big), big
+    scale = np.float32(1.0 / 2048)
+    expected, in_half = np.float32(big) * scale, big
     for _ in range(1000):
-        expected = np.float32(expected + np.float32(small))
+        expected = np.float32(expected + np.float32(small) * scale)
         in_half = np.float16(in_half + small)
     assert in_half == np.float16(1.0)
     np.testing.assert_array_equal(total.numpy(), np.full(3, expected, "float32"))
-    assert abs(float(expected) - 1.1) < 1e-3
+    assert abs(float(expected) * 2048 - 1.1) < 1e-3
     assert bool(window.flush(recorder).numpy())
     mean = recorder.calls[0]["half:0"]
     assert mean.dtype == np.float16  # handed over in the variable's dtype
-    factor = np.float32(1) / np.float32(1001)  # planned / weight: a window short of its n
+    factor = np.float32(2048) / np.float32(1001)  # planned / weight: a window short of its n
     np.testing.assert_array_equal(mean, np.full(3, np.float16(expected * factor), "float16"))
 
 
@@ -369,9 +322,8 @@ def test_restore_without_the_open_window_keeps_the_counts_only():
     restored.restore(values, open_window=False)  # before its sums exist: none is kept pending
     restored.accumulate([(tf.constant(grads[0]), v), (tf.constant(np.ones(4, "float32")), w)], 8, Recorder())
     assert int(restored.skipped.numpy()) == 5 and int(restored.count.numpy()) == 1
-    # (Its own first micro-batch, of 8 samples: the window's unit, written as it is.)
-    np.testing.assert_array_equal(restored._sums[variable_key(v)].numpy(), grads[0])
-    assert float(restored.planned.numpy()) == 8.0
+    # (Its own first micro-batch, of 8 samples in a window of 4: divided by 32.)
+    np.testing.assert_array_equal(restored._sums[variable_key(v)].numpy(), grads[0] / 4)
     whole = Window(4)
     whole.restore(values)
     whole.accumulate([(tf.constant(grads[0]), v), (tf.constant(np.ones(4, "float32")), w)], 8, Recorder())
@@ -417,15 +369,12 @@ def test_sums_saved_under_other_names_are_matched_by_position_or_refused():
         other.accumulate([(tf.constant(grads[0].T), wrong[0]), (tf.constant(grads[0][0]), wrong[1])], 8, Recorder())
 
 
-def test_each_add_is_one_pass_over_the_gradient():
+def test_each_add_is_one_fused_pass_over_the_gradient():
     # `total.assign_add(grad * size)` makes the product first: a Mul of the
-    # variable's shape in the traced step. A micro-batch of the window's
-    # first one's size adds `grad + sum` (one AddV2, no Mul), and the one
-    # that completes the window divides that by the window's micro-batches
-    # (one Mul), a new tensor the conds hand on to the optimizer, assigned
-    # to nothing; other sizes take the fused scaled add (no Mul). The adds
-    # are branches of tf.conds (a window's first micro-batch writes its sums
-    # instead): the graph's function library holds the branches.
+    # variable's shape in the traced step. The fused scaled add makes none.
+    # The add is one branch of a tf.cond (a window's first micro-batch
+    # writes its sums instead, product and all): the graph's function
+    # library holds the branches.
     v = variable("v", (64, 32))
     window = Window(4)
 
@@ -436,15 +385,11 @@ def test_each_add_is_one_pass_over_the_gradient():
     graph = step.get_concrete_function(tf.TensorSpec((64, 32), tf.float32)).graph
     sized = {op.type for op in graph.get_operations()
              if any(output.shape.as_list() == [64, 32] for output in op.outputs)}
-    assert sized <= {"Placeholder", "If", "StatelessIf", "Identity"}, sized  # (the conds hand the mean on)
+    assert sized == {"Placeholder"}, sized
     branches = {function.signature.name: {node.op for node in function.node_def}
                 for function in graph.as_graph_def().library.function}
-    fused = [ops for ops in branches.values() if "ResourceApplyGradientDescent" in ops]
-    assert len(fused) == 1 and "Mul" not in fused[0], branches
-    unit = [ops for ops in branches.values() if "AddV2" in ops and "AssignVariableOp" in ops]
-    assert len(unit) == 1 and "Mul" not in unit[0], branches
-    finishing = [ops for ops in branches.values() if {"AddV2", "Mul"} <= ops and "AssignVariableOp" not in ops]
-    assert len(finishing) == 1, branches
+    adding = [ops for ops in branches.values() if "ResourceApplyGradientDescent" in ops]
+    assert len(adding) == 1 and "Mul" not in adding[0], branches
 
 
 def test_a_window_starts_afresh_for_a_variable_without_a_gradient_in_its_first_micro_batch():
@@ -478,9 +423,9 @@ def test_a_sum_of_in_place_elements_becomes_its_mean_in_place_and_a_smaller_one_
     # Where each mean was made: the large sum's memory now holds its mean,
     # the small sum is left as it was.
     np.testing.assert_array_equal(window._sums[variable_key(big)].numpy(), recorder.calls[0]["big:0"])
-    # (Divided by the window's planned weight: its first micro-batch's 8.)
+    # (Divided by the window's planned weight: 2 micro-batches of 8.)
     np.testing.assert_allclose(window._sums[variable_key(small)].numpy(),
-                               (8 * grads_small[0] + 3 * grads_small[1]) / 8, rtol=1e-6, atol=1e-6)
+                               (8 * grads_small[0] + 3 * grads_small[1]) / 16, rtol=1e-6, atol=1e-6)
     # The next window writes its sums afresh over the mean.
     for g_big, g_small, b in zip(grads_big[::-1], grads_small[::-1], [1, 1]):
         window.accumulate([(tf.constant(g_big), big), (tf.constant(g_small), small)], b, recorder)

@@ -5,7 +5,7 @@ merges their results; this script measures what the interpreter running it
 can import:
 
 - the least any exact accumulation does in a custom loop, `loop: bound`: the
-  gradients, one add per micro-batch, the update every n-th step;
+  gradients, one fused add per micro-batch, the update every n-th step;
 - gradaccum's `accumulate(model, n)` and its optimizer wrapper
   `AccumOptimizer(optimizer, n)` at micro-batch b, plain Keras at b, and a
   "floor" that computes the gradients (forward and backward) and reduces them
@@ -194,6 +194,7 @@ def loop_variants(keras):
     """
     tf = _tf()
     from gradaccum import AccumOptimizer
+    from gradaccum._window import _add_scaled
 
     def step_for(model, opt):
         @tf.function
@@ -212,15 +213,12 @@ def loop_variants(keras):
         return step
 
     def bound_for(model, n):
-        """A lean exact accumulation: the loop's gradients, one add a micro-batch, the update every n-th step.
+        """A lean exact accumulation: the loop's gradients, one fused add, the update every n-th step.
 
-        The window's own arithmetic for micro-batches of one size (see
-        gradaccum's `_window`): the first micro-step of a window writes its
-        gradients, the others add them as `grad + sum` into the gradient's
-        buffer, and the n-th adds and divides by n there and hands that to
-        the optimizer, as new tensors. Which step is which is counted in Python
-        (a trace for each kind), so no counter, condition or weight runs in
-        the graph.
+        The first micro-step of a window writes its gradients, the others add
+        them in one fused pass each, and the n-th hands their mean to the
+        optimizer: which step is which is counted in Python (a trace for
+        each kind), so no counter, condition or weight runs in the graph.
         """
         opt = sgd(keras)
         variables = model.trainable_variables
@@ -229,19 +227,13 @@ def loop_variants(keras):
 
         @tf.function
         def step(x, y, first, last):
-            grads = gradients(keras, model, x, y)
-            if first and last:  # (n = 1)
-                opt.apply_gradients(zip(grads, variables))
-                return
-            if last:  # (the mean as new tensors, whose buffers the optimizer may write)
-                opt.apply_gradients([((grad + total.read_value()) * (1.0 / n), v)
-                                     for total, grad, v in zip(sums, grads, variables)])
-                return
-            for total, grad in zip(sums, grads):
+            for total, grad in zip(sums, gradients(keras, model, x, y)):
                 if first:
                     total.assign(grad, read_value=False)
-                else:
-                    total.assign(grad + total.read_value(), read_value=False)
+                else:  # (gradaccum's own fused add, with a weight of 1)
+                    _add_scaled(total, grad, tf.constant(1.0))
+            if last:
+                opt.apply_gradients([(total * (1.0 / n), v) for total, v in zip(sums, variables)])
 
         taken = [0]
 
@@ -668,7 +660,7 @@ def targets(runs):
                                  _paired(find[(model, 1, "loop: plain")], find[(model, 1, "loop: floor")])))
         if any(r["variant"] == "loop: bound" for r in rows):
             # What accumulation cannot avoid: the bound makes the gradients, adds
-            # them in one pass and applies every n-th step, nothing more.
+            # them in one fused pass and applies every n-th step, nothing more.
             for model in models:
                 lines.append("- {}: the {}'s bound (loop: bound / loop: floor, n = 2, 4, 8): {}; loop: "
                              "gradaccum-optimizer / loop: bound: {}.".format(
@@ -785,8 +777,8 @@ def merge(out):
                       "over the floor: gradients only, never applied) are taken within each round; the median "
                       "round's, with their spread. `loop:` rows are custom training loops (a tf.function step per "
                       "micro-batch); `loop: floor` is that loop's gradients alone, `loop: bound` a lean exact "
-                      "accumulation there (the gradients, one add into the gradient's buffer, the last with the "
-                      "division by n, handed to the update as new tensors every n-th step).".format(first["b"], first["rounds"], _per_model(run["throughput"], "steps_per_round"),
+                      "accumulation there (the gradients, one fused add, the update every n-th step on the sums "
+                      "times 1 / n).".format(first["b"], first["rounds"], _per_model(run["throughput"], "steps_per_round"),
                           first["rounds"], _per_model(run["throughput"], "instances")), "",
                       "| model | n | variant | samples/s | spread | vs plain (spread) | vs floor (spread) |",
                       "|---|---|---|---|---|---|---|"]
