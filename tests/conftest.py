@@ -40,6 +40,10 @@ def _setting(variable, allowed, default):
     return value
 
 
+# GRADACCUM_LONG: "0" skips the long tests (helpers.long_run).
+LONG_SETTINGS = ("1", "0")
+
+
 def suite(config=None):
     value = _setting("GRADACCUM_SUITE", SUITES, "full")
     if config is not None and config.getoption("--graph-mode"):
@@ -71,8 +75,9 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "errors: bad input and refused runtimes (test_errors), run alone where "
         "gradaccum refuses the installed Keras (GRADACCUM_SUITE=errors)")
-    suite()  # a bad GRADACCUM_SUITE or GRADACCUM_HEAVY is an error before anything runs
+    suite()  # a bad GRADACCUM_SUITE, GRADACCUM_HEAVY or GRADACCUM_LONG is an error before anything runs
     heavy_setting()
+    _setting("GRADACCUM_LONG", LONG_SETTINGS, "1")  # (helpers.long_run reads it)
     # The suite's models are small: every sum would be scaled to its mean out
     # of place (below _window.IN_PLACE_ELEMENTS). Scale them all in place, so
     # that every exactness test covers the path large models take; test_window

@@ -36,8 +36,9 @@ def require_mode(eager):
 
 
 # Long tests (minute-long fits, killed processes, a keras.applications model)
-# run in one environment per Keras flavour; tox.ini sets GRADACCUM_LONG=0 in
-# the others.
+# run in one environment per Keras flavour: each is heavy and outside the core
+# and Python subsets, and tox.ini sets GRADACCUM_LONG=0 (1 or 0, conftest
+# refuses others) where a full suite runs them twice over (TF 2.7).
 long_run = pytest.mark.skipif(
     os.environ.get("GRADACCUM_LONG", "1") == "0",
     reason="long: runs in one environment per Keras flavour (GRADACCUM_LONG=0 here)")
