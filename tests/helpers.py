@@ -38,7 +38,8 @@ def require_mode(eager):
 # Long tests (minute-long fits, killed processes, a keras.applications model)
 # run in one environment per Keras flavour: each is heavy and outside the core
 # and Python subsets, and tox.ini sets GRADACCUM_LONG=0 (1 or 0, conftest
-# refuses others) where a full suite runs them twice over (TF 2.7).
+# refuses others) on TF 2.7, whose full suite would run them beside tf-keras
+# 2.21's.
 long_run = pytest.mark.skipif(
     os.environ.get("GRADACCUM_LONG", "1") == "0",
     reason="long: runs in one environment per Keras flavour (GRADACCUM_LONG=0 here)")
