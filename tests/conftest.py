@@ -29,6 +29,10 @@ def pytest_addoption(parser):
 # make one) runs every graph-mode test whatever the eager pass runs: each is the
 # only graph pass of its Keras.
 SUITES = ("full", "core", "python", "errors")
+# GRADACCUM_HEAVY: "0" skips the heavy tests, "core" all but the core subset's.
+HEAVY_SETTINGS = ("1", "0", "core")
+# GRADACCUM_LONG: "0" skips the long tests (helpers.long_run).
+LONG_SETTINGS = ("1", "0")
 
 
 def _setting(variable, allowed, default):
@@ -38,10 +42,6 @@ def _setting(variable, allowed, default):
         raise pytest.UsageError(
             "{} must be one of {}. Received: {}={!r}".format(variable, allowed, variable, value))
     return value
-
-
-# GRADACCUM_LONG: "0" skips the long tests (helpers.long_run).
-LONG_SETTINGS = ("1", "0")
 
 
 def suite(config=None):
@@ -113,9 +113,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "heavy" in item.keywords and not (heavy == "core" and "core" in item.keywords):
             item.add_marker(skip)
-
-
-HEAVY_SETTINGS = ("1", "0", "core")
 
 
 def heavy_setting():
