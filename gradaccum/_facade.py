@@ -14,15 +14,26 @@ from . import _compat
 from ._batchnorm import CHOICES as BATCHNORM_CHOICES, POOLED
 from ._window import APPLY, EPOCH_END_CHOICES, MEAN, REDUCTIONS
 
-# Runtime kind -> route module. Keras 2 models train in eager mode through
-# their train_step, and in graph mode (TF 1.x, or eager disabled) through the
-# graph route's in-graph accumulation; one class serves both, so a model saved
-# in one mode loads in the other. Keras 3 has its own train_step route.
+# Runtime kind -> route module, relative to this package (`_route`). Keras 2
+# models train in eager mode through their train_step, and in graph mode (TF
+# 1.x, or eager disabled) through the graph route's in-graph accumulation; one
+# class serves both, so a model saved in one mode loads in the other. Keras 3
+# has its own train_step route.
 _ROUTES = {
-    _compat.KERAS2_EAGER: "gradaccum._keras2",
-    _compat.GRAPH: "gradaccum._keras2",
-    _compat.KERAS3: "gradaccum._keras3",
+    _compat.KERAS2_EAGER: "._keras2",
+    _compat.GRAPH: "._keras2",
+    _compat.KERAS3: "._keras3",
 }
+
+
+def _route(name):
+    """The route module `name` ("._keras3"), of this package.
+
+    Relative, so that a copy of the package under another name (as
+    tools/ab.py imports a past revision beside the working tree's) runs its
+    own routes, not the installed package's.
+    """
+    return importlib.import_module(name, __package__)
 
 
 def accumulate(model, n, epoch_end=APPLY, skip_nonfinite=False, batchnorm=POOLED, agc=None, agc_eps=1e-3):
@@ -83,16 +94,16 @@ def accumulate(model, n, epoch_end=APPLY, skip_nonfinite=False, batchnorm=POOLED
     check_choice(batchnorm, "batchnorm", BATCHNORM_CHOICES, "accumulate")
     agc, agc_eps = check_agc(agc, agc_eps, "accumulate")
     runtime = _compat.runtime_of(model)
-    return importlib.import_module(_ROUTES[runtime.kind]).wrap(
+    return _route(_ROUTES[runtime.kind]).wrap(
         model, n, epoch_end=epoch_end, skip_nonfinite=skip_nonfinite, batchnorm=batchnorm, agc=agc,
         agc_eps=agc_eps)
 
 
 # Optimizer kind -> the module whose `wrap` makes its AccumOptimizer.
 _OPTIMIZER_ROUTES = {
-    _compat.GRAPH: "gradaccum._graph",
-    _compat.KERAS2_EAGER: "gradaccum._keras2_optimizer",
-    _compat.KERAS3: "gradaccum._keras3_optimizer",
+    _compat.GRAPH: "._graph",
+    _compat.KERAS2_EAGER: "._keras2_optimizer",
+    _compat.KERAS3: "._keras3_optimizer",
 }
 
 
@@ -166,7 +177,7 @@ class AccumOptimizer(metaclass=abc.ABCMeta):
                 "AccumOptimizer: reduction={!r} is for Keras optimizers; a tf.compat.v1.train "
                 "optimizer's window always applies the mean. Received: reduction={!r} with "
                 "optimizer {}".format(reduction, reduction, type(optimizer).__name__))
-        route = importlib.import_module(_OPTIMIZER_ROUTES[kind])
+        route = _route(_OPTIMIZER_ROUTES[kind])
         wrapped = route.wrap(optimizer, n, **kwargs)
         AccumOptimizer.register(type(wrapped))
         return wrapped
@@ -293,9 +304,9 @@ def register_serializables():
     Keras this process uses.
     """
     if _compat.keras2_module() is not None:
-        importlib.import_module("gradaccum._keras2")
+        _route("._keras2")
         if not _compat.IS_TF1:
-            importlib.import_module("gradaccum._keras2_optimizer")
+            _route("._keras2_optimizer")
     if _compat.keras3_module() is not None:
-        importlib.import_module("gradaccum._keras3")
-        importlib.import_module("gradaccum._keras3_optimizer")
+        _route("._keras3")
+        _route("._keras3_optimizer")
