@@ -1,0 +1,164 @@
+"""Side by side in one process: the working tree's gradaccum against a git revision's.
+
+    .tox/bench/bin/python tools/ab.py REV [--n 2,8] [--model mlp] [--windows 200]
+
+A library change that should make training faster is judged here before the
+benchmark's full run: the revision's `gradaccum/` is exported (`git archive`)
+into a temporary folder as the package `gradaccum_ab`, its Keras
+registrations renamed so that both import, and each side trains the
+benchmark's custom loop (tools/benchmark.py's models, data, SGD with momentum,
+one thread each pool), with Keras 3's `gradient_accumulation_steps` as a
+third variant where the Keras is 3. As benchmark.py's throughput part does,
+every variant takes one micro-step in turn, in a new random order each step,
+over several instances each; the figure is the ratio of their times per
+window (n consecutive steps: one update), its median, and the median of each
+fifth of the run, whose spread is the figure's own repeatability. The median
+time of each position in the window follows, to show where a difference is.
+
+The tool refuses to run where the revision's optimizer is not its own (its
+class's module outside `gradaccum_ab`): a copy whose facade loads the
+installed package's routes compares the working tree with itself. Revisions
+before 2cdb1a3 named their routes absolutely; their copies are rewritten to
+their own name.
+"""
+
+import argparse
+import gc
+import importlib
+import io
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+import benchmark  # noqa: E402  (after the paths, as a script beside it)
+
+ALT = "gradaccum_ab"
+
+
+def export(revision, folder):
+    """Writes `revision`'s gradaccum/ into `folder` as the package ALT; returns the package's path."""
+    archive = subprocess.run(["git", "-C", ROOT, "archive", revision, "gradaccum"],
+                             check=True, stdout=subprocess.PIPE).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder)
+    package = os.path.join(folder, ALT)
+    os.rename(os.path.join(folder, "gradaccum"), package)
+    for name in os.listdir(package):
+        if name.endswith(".py"):
+            path = os.path.join(package, name)
+            with open(path) as handle:
+                text = handle.read()
+            text = text.replace('package="gradaccum"', 'package="{}"'.format(ALT))
+            text = text.replace('"gradaccum._', '"{}._'.format(ALT))  # (routes named absolutely)
+            with open(path, "w") as handle:
+                handle.write(text)
+    return package
+
+
+def step_for(keras, model, optimizer, sized):
+    """The benchmark's custom-loop step: gradients by a tape, then the optimizer."""
+    tf = benchmark._tf()
+
+    @tf.function
+    def step(x, y):
+        pairs = zip(benchmark.gradients(keras, model, x, y), model.trainable_variables)
+        if sized:
+            optimizer.apply_gradients(pairs, batch_size=tf.shape(x)[0])
+        else:
+            optimizer.apply_gradients(pairs)
+    return step
+
+
+def compare(args, keras, packages):
+    tf = benchmark._tf()
+    from gradaccum import _compat
+
+    x, y = benchmark.data(args.model, 8 * 32)
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(32).cache().repeat()
+    make_model = benchmark.MODELS[args.model]
+    for n in [int(value) for value in args.n.split(",")]:
+        makers = {side: (lambda package=package: (package.AccumOptimizer(benchmark.sgd(keras), n), True))
+                  for side, package in packages.items()}
+        if _compat.keras_major(keras) >= 3 and n > 1:
+            makers["keras3-option"] = lambda: (benchmark.sgd(keras, gradient_accumulation_steps=n), False)
+        runs = {}
+        for side, make in makers.items():
+            runs[side] = []
+            for _ in range(args.instances):
+                optimizer, sized = make()
+                if sized and not type(optimizer).__module__.startswith(packages[side].__name__ + "."):
+                    raise SystemExit("ab.py: {}'s optimizer is {}.{}, not its own package's; the comparison "
+                                     "would run one library twice".format(
+                                         side, type(optimizer).__module__, type(optimizer).__name__))
+                step, batch = step_for(keras, make_model(keras), optimizer, sized), iter(batches)
+                for _ in range(4 * n):  # trace, warm up
+                    step(*next(batch))
+                runs[side].append((step, batch))
+        times = {side: [] for side in runs}
+        order = np.random.RandomState(0)
+        gc.collect()
+        gc.disable()
+        try:
+            for index in range(args.windows * n):
+                instance = (index // n) % args.instances
+                for side in order.permutation(list(runs)):
+                    step, batch = runs[side][instance]
+                    x_batch, y_batch = next(batch)
+                    start = time.perf_counter()
+                    step(x_batch, y_batch)
+                    times[side].append(time.perf_counter() - start)
+        finally:
+            gc.enable()
+        steps = {side: np.asarray(measured).reshape(-1, n) for side, measured in times.items()}
+        windows = {side: measured.sum(axis=1) for side, measured in steps.items()}
+        print("{} n={}, {} windows x {} instances; speed ratio per window (above 1: the first is "
+              "faster), median [fifths]:".format(args.model, n, args.windows, args.instances))
+        for first, second in [("working tree", args.revision), ("working tree", "keras3-option"),
+                              (args.revision, "keras3-option")]:
+            if second in windows:
+                ratios = windows[second] / windows[first]
+                print("  {} / {}: {:.3f} [{}]".format(first, second, np.median(ratios), " ".join(
+                    "{:.3f}".format(np.median(part)) for part in np.array_split(ratios, 5))))
+        print("  median step by position in the window (us):")
+        for side, measured in steps.items():
+            print("    {:<14} {}".format(side, " ".join(
+                "{:.0f}".format(np.median(measured[:, j]) * 1e6) for j in range(n))))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("revision", help="a git revision, e.g. HEAD or a commit")
+    parser.add_argument("--n", default="2,8", help="micro-batches per update, comma-separated")
+    parser.add_argument("--model", default="mlp", choices=sorted(benchmark.MODELS))
+    parser.add_argument("--windows", type=int, default=200, help="timed windows per variant")
+    parser.add_argument("--instances", type=int, default=3, help="models per variant, stepped in turn")
+    args = parser.parse_args()
+    for name, value in (("--windows", args.windows), ("--instances", args.instances)):
+        if value < 1:
+            parser.error("{} must be >= 1. Received: {}".format(name, value))
+    for value in args.n.split(","):
+        if not value.isdigit() or int(value) < 1:
+            parser.error("--n must be integers >= 1, comma-separated. Received: {!r}".format(args.n))
+    folder = tempfile.mkdtemp(prefix="gradaccum-ab-")
+    export(args.revision, folder)
+    sys.path.insert(0, folder)
+    benchmark.threads()
+    keras = benchmark._keras()
+    import gradaccum
+
+    packages = {"working tree": gradaccum, args.revision: importlib.import_module(ALT)}
+    compare(args, keras, packages)
+
+
+if __name__ == "__main__":
+    main()
