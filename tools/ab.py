@@ -27,6 +27,7 @@ import gc
 import importlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -150,14 +151,17 @@ def main():
         if not value.isdigit() or int(value) < 1:
             parser.error("--n must be integers >= 1, comma-separated. Received: {!r}".format(args.n))
     folder = tempfile.mkdtemp(prefix="gradaccum-ab-")
-    export(args.revision, folder)
-    sys.path.insert(0, folder)
-    benchmark.threads()
-    keras = benchmark._keras()
-    import gradaccum
+    try:
+        export(args.revision, folder)
+        sys.path.insert(0, folder)
+        benchmark.threads()
+        keras = benchmark._keras()
+        import gradaccum
 
-    packages = {"working tree": gradaccum, args.revision: importlib.import_module(ALT)}
-    compare(args, keras, packages)
+        packages = {"working tree": gradaccum, args.revision: importlib.import_module(ALT)}
+        compare(args, keras, packages)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
