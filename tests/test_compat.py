@@ -189,4 +189,3 @@ def test_node_inputs():
     inputs = _compat.node_inputs(model.get_layer("outer_bn"))
     assert len(inputs) == 1 and tf.is_tensor(inputs[0]) and inputs[0].shape.as_list() == [None, 4, 4, 2]
     assert len(_compat.node_inputs(model.get_layer("inner").get_layer("inner_bn"))) == 2
-
