@@ -66,20 +66,6 @@ def export(revision, folder):
     return package
 
 
-def step_for(keras, model, optimizer, sized):
-    """The benchmark's custom-loop step: gradients by a tape, then the optimizer."""
-    tf = benchmark._tf()
-
-    @tf.function
-    def step(x, y):
-        pairs = zip(benchmark.gradients(keras, model, x, y), model.trainable_variables)
-        if sized:
-            optimizer.apply_gradients(pairs, batch_size=tf.shape(x)[0])
-        else:
-            optimizer.apply_gradients(pairs)
-    return step
-
-
 def compare(args, keras, packages):
     tf = benchmark._tf()
     from gradaccum import _compat
@@ -101,7 +87,7 @@ def compare(args, keras, packages):
                     raise SystemExit("ab.py: {}'s optimizer is {}.{}, not its own package's; the comparison "
                                      "would run one library twice".format(
                                          side, type(optimizer).__module__, type(optimizer).__name__))
-                step, batch = step_for(keras, make_model(keras), optimizer, sized), iter(batches)
+                step, batch = benchmark.loop_step(keras, make_model(keras), optimizer, sized), iter(batches)
                 for _ in range(4 * n):  # trace, warm up
                     step(*next(batch))
                 runs[side].append((step, batch))
@@ -111,7 +97,7 @@ def compare(args, keras, packages):
         gc.disable()
         try:
             for index in range(args.windows * n):
-                instance = (index // n) % args.instances
+                instance = benchmark.instance_of(index, n, 1, args.instances)
                 for side in order.permutation(list(runs)):
                     step, batch = runs[side][instance]
                     x_batch, y_batch = next(batch)

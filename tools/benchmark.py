@@ -185,6 +185,24 @@ def variants(keras):
     return found
 
 
+def loop_step(keras, model, optimizer, sized):
+    """A custom loop's training step: the loss's gradients by a tape, handed to `optimizer`.
+
+    A `tf.function`. `sized`: the optimizer is told the micro-batch's size
+    (`batch_size`), as gradaccum's wrapper is.
+    """
+    tf = _tf()
+
+    @tf.function
+    def step(x, y):
+        pairs = zip(gradients(keras, model, x, y), model.trainable_variables)
+        if sized:
+            optimizer.apply_gradients(pairs, batch_size=tf.shape(x)[0])
+        else:
+            optimizer.apply_gradients(pairs)
+    return step
+
+
 def loop_variants(keras):
     """name -> (make(model, n) -> a training step for a custom loop): the optimizer wrappers.
 
@@ -197,14 +215,7 @@ def loop_variants(keras):
     from gradaccum._window import _add_scaled
 
     def step_for(model, opt):
-        @tf.function
-        def step(x, y):
-            pairs = zip(gradients(keras, model, x, y), model.trainable_variables)
-            if isinstance(opt, AccumOptimizer):
-                opt.apply_gradients(pairs, batch_size=tf.shape(x)[0])
-            else:
-                opt.apply_gradients(pairs)
-        return step
+        return loop_step(keras, model, opt, sized=isinstance(opt, AccumOptimizer))
 
     def floor_for(model):
         @tf.function
