@@ -12,19 +12,12 @@ micro-batch therefore counts for what it holds, and a short window at the end
 of an epoch equals the big batch's short last batch.
 
 Where a variable is large (IN_PLACE_ELEMENTS), the sums are kept divided by
-the window's *planned* weight: sums * planned = sum_k b_k g_k. A step whose
-every variable has a dense gradient (outside a strategy's replicas) keeps
-them in units of its own micro-batch, planned = b_k: a window's first
-micro-batch hands its gradients' buffers to the sums with no pass, a later
-one adds the old sums into them in one fused pass, and the one that completes
-the window makes the mean from its gradient and the sums without adding to
-them (`Window._accumulate_folding`). Other steps (sparse rows, a variable
-without a gradient, a strategy's replica) plan n times the window's first
-micro-batch's size and add b_k / planned * g_k in one fused pass (`add`); a
-window whose micro-batches all weigh that holds its mean when it is due, and
-hands it over as it is; any other window is scaled by planned / sum_k b_k
-first. Windows of small variables only plan 1: their sums are the weighted
-sums, and their mean a small pass.
+the window's *planned* weight, n times its first micro-batch's size: each
+micro-batch adds b_k / planned * g_k in one fused pass. A window whose
+micro-batches are all that large (the usual case) then holds its mean when it
+is due, and hands it over as it is; any other (a short last window, n changed
+mid-window) is scaled by planned / sum_k b_k first. Windows of small variables
+only plan 1: their sums are the weighted sums, and their mean a small pass.
 
 The window also knows where the current epoch ends (when the route tells it)
 so that a partial window can be applied in the same step as the epoch's last
@@ -385,11 +378,10 @@ class Window(object):
         """Adds one micro-batch, and applies the window if it is now due.
 
         Every route's training step is this call. The accumulators are built
-        on first use (under `init_scope`), the micro-batch is folded into the
-        sums (`_accumulate_folding`) or added to them (`add`) in the order
-        `due` needs (ordered explicitly for graph mode), and `apply_fn` runs
-        only inside the `tf.cond` branch, so the inner optimizer is not
-        called at all on the other micro-steps.
+        on first use (under `init_scope`), the sums are added before `due` is
+        read (ordered explicitly for graph mode), and `apply_fn` runs only
+        inside the `tf.cond` branch, so the inner optimizer is not called at
+        all on the other micro-steps.
 
         Args:
             grads_and_vars: This micro-batch's (gradient, variable) pairs.
@@ -404,137 +396,9 @@ class Window(object):
         """
         grads_and_vars = list(grads_and_vars)
         self.build([var for grad, var in grads_and_vars if grad is not None])
-        if self._folding(grads_and_vars):
-            return self._accumulate_folding(grads_and_vars, batch_size, apply_fn, adds)
         with tf.control_dependencies([self.add(grads_and_vars, batch_size)] + list(adds)):
             due = self.due(added=True)
         return self._apply_if(due, apply_fn)
-
-    def _folding(self, grads_and_vars):
-        """Whether this step folds its gradients into the sums (`_accumulate_folding`).
-
-        Where the window plans (a large variable, MEAN), outside a
-        strategy's replicas (whose update runs in `merge_call`, away from
-        this micro-batch's gradients), and where every variable of the
-        window has a dense gradient in this step. Other steps take `add`;
-        both keep the same sums (sums * planned = sum_k b_k g_k), so a
-        window may pass from one to the other between traces.
-        """
-        dense = {variable_key(var) for grad, var in grads_and_vars
-                 if grad is not None and not isinstance(grad, tf.IndexedSlices)}
-        return (self._planning() and not self._rows and _strategy_replica() is None
-                and dense == set(self._sums))
-
-    def _accumulate_folding(self, grads_and_vars, batch_size, apply_fn, adds):
-        """`accumulate` where every sum gets a dense gradient: no pass on a window's first micro-batch.
-
-        The sums are kept in units of the latest micro-batch: planned is its
-        weight b, and each sum holds sum_k b_k g_k / b. So a window's first
-        micro-batch hands its gradients' buffers to the sums (an assign of
-        a tensor nothing else holds adopts it), and a later one does too and
-        then adds the old sum into them, scaled by the old unit over the new,
-        in one fused pass (1 where the micro-batches weigh the same). The
-        micro-batch that completes the window is not added to the sums: its
-        gradient and the sum make the mean in the gradient's buffer, which
-        the sum gives back afterwards, so the wrapped optimizer's first
-        product can reuse it (`_folded_mean`). Measured in a loop on the
-        benchmark's MLP (n = 8), against the sums divided by n from the
-        start: 1.6% faster a window, mostly the first micro-step's pass.
-
-        Whether the window is due is known before anything is added; a
-        micro-batch of no samples takes `_write_or_add`, with weight 0.
-        """
-        weight = tf.cast(batch_size, tf.float32)
-        grads = {}
-        for grad, var in grads_and_vars:
-            if grad is not None:
-                grads[variable_key(var)] = tf.cast(grad, self._sums[variable_key(var)].dtype)
-        with tf.control_dependencies(list(adds)):
-            due = self._due_next()
-
-        def fold():
-            def add():
-                ratio = self.planned / weight
-                added = []
-                for key, grad in grads.items():
-                    total = self._sums[key]
-                    old = total.read_value()
-                    with tf.control_dependencies([old]):
-                        adopted = total.assign(grad, read_value=False)
-                    with tf.control_dependencies([adopted]):
-                        added.append(_add_scaled(total, old, tf.cast(ratio, total.dtype)))
-                return tf.group(*added)
-
-            def write():
-                return tf.group(*[self._sums[key].assign(grad, read_value=False) for key, grad in grads.items()])
-
-            def in_units():  # (a micro-batch with samples: the sums' unit becomes its weight)
-                summed = tf.cond(tf.equal(self.count, 0), lambda: _true_after(write()), lambda: _true_after(add()))
-                with tf.control_dependencies([summed]):
-                    return self.planned.assign(weight, read_value=False)
-
-            folded = tf.cond(weight > 0.0, lambda: _true_after(in_units()),
-                             lambda: self._write_or_add(grads, weight))
-            with tf.control_dependencies([folded]):
-                counted = [self.weight.assign_add(weight), self.count.assign_add(1)]
-            with tf.control_dependencies(counted):
-                return tf.constant(False)
-
-        applied = tf.cond(due, lambda: self._update(apply_fn, self._folded_mean(grads, weight)), fold)
-        if not self.epochs:
-            return applied
-        with tf.control_dependencies([applied]):  # (graph mode: `due` read the old position)
-            counted = self.epoch_step.assign_add(1)
-        with tf.control_dependencies([counted]):
-            return tf.identity(applied)
-
-    def _due_next(self):
-        """`due` as it will be once one more micro-batch is added (read before adding it)."""
-        due = self.count + 1 >= self.n_variable
-        if self.epochs:
-            due = tf.logical_or(due, tf.logical_and(self.epoch_steps > 0, self.epoch_step + 1 >= self.epoch_steps))
-        return due
-
-    def _folded_mean(self, grads, weight):
-        """(mean, variable) pairs of the window completed by `grads`, which the sums do not hold.
-
-        mean = (b g + planned * sum) / W, W the window's weight with b. For
-        each variable the sum's buffer is read, the sum adopts b / W * g (a
-        product made in the gradient's buffer) and adds the old sum scaled
-        by planned / W in the fused pass, the result is read, and the sum
-        adopts its old buffer again. The mean's buffer is then held by the
-        mean alone. A window of this one micro-batch is b / W * g.
-        """
-        total_weight = self.weight + weight
-        own = tf.math.divide_no_nan(weight, total_weight)
-        rest = tf.math.divide_no_nan(self.planned, total_weight)
-        keys = list(grads)
-
-        def alone():
-            return [grads[key] * tf.cast(own, grads[key].dtype) for key in keys]
-
-        def with_sums():
-            means = []
-            for key in keys:
-                total, grad = self._sums[key], grads[key]
-                old = total.read_value()
-                with tf.control_dependencies([old]):
-                    adopted = total.assign(grad * tf.cast(own, grad.dtype), read_value=False)
-                with tf.control_dependencies([adopted]):
-                    added = _add_scaled(total, old, tf.cast(rest, total.dtype))
-                with tf.control_dependencies([added]):
-                    mean = total.read_value()
-                with tf.control_dependencies([mean]):
-                    given_back = total.assign(old, read_value=False)
-                with tf.control_dependencies([given_back]):
-                    means.append(tf.identity(mean))
-            return means
-
-        means = tf.cond(tf.equal(self.count, 0), alone, with_sums)
-        if not isinstance(means, (list, tuple)):  # (TF 1.x's cond unpacks a list of one)
-            means = [means]
-        by_key = dict(zip(keys, means))
-        return [(tf.cast(by_key[variable_key(var)], var.dtype), var) for var in self.variables]
 
     def add_moments(self, layer, x, axes, bessel, moments=None, call=0):
         """Adds one micro-batch's statistics of a BatchNormalization layer's input `x`.
@@ -609,7 +473,11 @@ class Window(object):
         """
         replica = _strategy_replica()
         if replica is None:
-            return tf.cond(condition, lambda: self._update(apply_fn), lambda: tf.constant(False))
+            def update():
+                if not self.skip_nonfinite:
+                    return self.apply(apply_fn)
+                return tf.cond(self._finite(), lambda: self.apply(apply_fn), self.skip)
+            return tf.cond(condition, update, lambda: tf.constant(False))
 
         def apply_if(strategy, condition):
             def on_replicas(fn):
@@ -631,24 +499,13 @@ class Window(object):
 
         return replica.merge_call(apply_if, args=(condition,))
 
-    def _update(self, apply_fn, mean=None):
-        """`apply`, or with `skip_nonfinite` `apply` or `skip` as the window is finite or not.
-
-        `mean`: the window's (gradient, variable) pairs where the caller made
-        them (`_folded_mean`); `mean()` otherwise.
-        """
-        if not self.skip_nonfinite:
-            return self.apply(apply_fn, mean)
-        finite = self._finite() if mean is None else _all_finite([grad for grad, _ in mean])
-        return tf.cond(finite, lambda: self.apply(apply_fn, mean), self.skip)
-
     def _finite(self):
         """Whether every sum of the open window is finite.
 
         A float sum stays inf or nan once one addend was, so this is
         whether every gradient added in the window was finite.
         """
-        return _all_finite(self._sums.values())
+        return tf.reduce_all([tf.reduce_all(tf.math.is_finite(total)) for total in self._sums.values()])
 
     def skip(self):
         """Empties the window without an update, and counts it in `skipped`. Returns False."""
@@ -656,8 +513,8 @@ class Window(object):
             with tf.control_dependencies([self.skipped.assign_add(1)]):
                 return tf.constant(False)
 
-    def apply(self, apply_fn, mean=None):
-        """Applies the window's mean (`mean()`, or `mean` if given) with `apply_fn`, then empties the window.
+    def apply(self, apply_fn):
+        """Applies the window's mean with `apply_fn`, then empties the window.
 
         The mean is clipped adaptively first where `agc` is set, and the
         BatchNormalization statistics the window pooled move their layers'
@@ -668,8 +525,7 @@ class Window(object):
         (ordered explicitly for graph mode; eager code and `tf.function` keep
         program order). Returns True, for `tf.cond`.
         """
-        if mean is None:
-            mean = self.mean()
+        mean = self.mean()
         if self.agc is not None:
             mean = adaptive_clip(mean, self.agc, self.agc_eps)
         applied = apply_fn(mean)
@@ -896,16 +752,6 @@ def _scaled_in_place(total, factor, after=()):
     assigned = total.assign(product, read_value=False)
     with tf.control_dependencies([assigned]):
         return total.read_value(), assigned
-
-
-def _all_finite(tensors):
-    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(tensor)) for tensor in tensors])
-
-
-def _true_after(op):
-    """True, once `op` ran: a branch of `tf.cond` that must return a tensor."""
-    with tf.control_dependencies([op]):
-        return tf.constant(True)
 
 
 def _strategy_replica():

@@ -112,78 +112,6 @@ def test_a_window_that_weighs_what_it_planned_hands_its_sums_over_and_others_are
     assert len(recorder.calls) == len(cases)
 
 
-@pytest.mark.parametrize("sizes, then", [
-    ([4, 4, 4], None), ([4, 2], "flush"), ([5], "flush"), ([3, 1, 6], None), ([0, 4, 2], None),
-    ([4, 0, 2], None), ([4, 2, 0], None), ([0, 0], "flush"), ([4, 4], 4)])
-def test_a_window_of_dense_gradients_folds_them_into_its_sums_exactly(sizes, then):
-    # Every variable has a dense gradient: the sums are kept in units of the
-    # latest micro-batch and the completing micro-batch makes the mean
-    # (`_accumulate_folding`). Uneven sizes, micro-batches of no samples
-    # (first, middle, last, all), a flushed window, n grown mid-window; a
-    # float64 variable, whose sums are float64.
-    v, w = variable("v", (2, 3)), variable("w", (4,), tf.float64)
-    grads_v, grads_w = gradients((2, 3), 4), gradients((4,), 4, seed=1)
-    window, recorder = Window(3), Recorder()
-
-    def step(k, size):
-        pairs = [(tf.constant(grads_v[k]), v), (tf.constant(grads_w[k]), w)]
-        window.build([v, w])
-        assert window._folding(pairs)
-        return bool(window.accumulate(pairs, size, recorder).numpy())
-
-    for _ in range(2):  # (the second window's sums start from the first's leftovers)
-        applied = [step(k, size) for k, size in enumerate(sizes)]
-        total = list(sizes)
-        if then == "flush":
-            assert bool(window.flush(recorder).numpy())
-        elif then is not None:
-            window.n_variable.assign(then)
-            applied += [step(2, 1), step(3, 2)]
-            total += [1, 2]
-        assert applied == [False] * (len(applied) - 1) + [then != "flush"]
-        expected_v = weighted_mean(grads_v, total) if sum(total) else np.zeros((2, 3))
-        expected_w = weighted_mean(grads_w, total) if sum(total) else np.zeros(4)
-        np.testing.assert_allclose(recorder.calls[-1]["v:0"], expected_v, rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(recorder.calls[-1]["w:0"], expected_w, rtol=1e-6, atol=1e-7)
-        assert int(window.count.numpy()) == 0 and float(window.weight.numpy()) == 0.0
-        window.n_variable.assign(3)
-    assert len(recorder.calls) == 2
-
-
-def test_a_window_passes_between_folding_and_adding_within_itself():
-    # A micro-batch where `w` has no gradient takes `add`; the others fold.
-    # Both keep sums * planned = the weighted sum, so the window's mean is
-    # the big batch's whichever took which micro-batch.
-    v, w = variable("v", (2, 3)), variable("w", (4,))
-    grads_v, grads_w = gradients((2, 3), 4), gradients((4,), 4, seed=1)
-    sizes, has_w = [4, 2, 3, 5], [True, False, True, True]
-    window, recorder = Window(4), Recorder()
-    folded = []
-    for k, size in enumerate(sizes):
-        pairs = [(tf.constant(grads_v[k]), v), (tf.constant(grads_w[k]) if has_w[k] else None, w)]
-        window.build([v, w])
-        folded.append(window._folding(pairs))
-        window.accumulate(pairs, size, recorder)
-    assert folded == has_w and len(recorder.calls) == 1
-    np.testing.assert_allclose(recorder.calls[0]["v:0"], weighted_mean(grads_v, sizes), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(recorder.calls[0]["w:0"],
-                               weighted_mean([g * h for g, h in zip(grads_w, has_w)], sizes), rtol=1e-6, atol=1e-7)
-
-
-def test_a_completed_window_hands_over_a_mean_that_no_sum_holds():
-    # The mean is made in the last gradient's buffer and the sum takes its
-    # old buffer back, so the wrapped optimizer's first product may reuse
-    # the mean's memory. Checked by value: after the update the sum is the
-    # window's sum before its last micro-batch, not the mean.
-    v = variable("v", (2, 3))
-    grads = gradients((2, 3), 2)
-    window, recorder = Window(2), Recorder()
-    for g in grads:
-        window.accumulate([(tf.constant(g), v)], 8, recorder)
-    np.testing.assert_allclose(recorder.calls[0]["v:0"], (grads[0] + grads[1]) / 2, rtol=1e-6)
-    np.testing.assert_array_equal(window._sums[variable_key(v)].numpy(), grads[0])
-
-
 def test_sparse_gradients_give_a_sparse_mean_over_exactly_the_touched_rows():
     embedding = variable("embedding", (10, 3))
     first = np.arange(1, 7, dtype="float32").reshape(2, 3)  # rows 1, 3
@@ -394,9 +322,8 @@ def test_restore_without_the_open_window_keeps_the_counts_only():
     restored.restore(values, open_window=False)  # before its sums exist: none is kept pending
     restored.accumulate([(tf.constant(grads[0]), v), (tf.constant(np.ones(4, "float32")), w)], 8, Recorder())
     assert int(restored.skipped.numpy()) == 5 and int(restored.count.numpy()) == 1
-    # (Its own first micro-batch, of 8 samples: sums * planned is 8 times its gradient.)
-    np.testing.assert_array_equal(restored._sums[variable_key(v)].numpy() * restored.planned.numpy(),
-                                  grads[0] * 8)
+    # (Its own first micro-batch, of 8 samples in a window of 4: divided by 32.)
+    np.testing.assert_array_equal(restored._sums[variable_key(v)].numpy(), grads[0] / 4)
     whole = Window(4)
     whole.restore(values)
     whole.accumulate([(tf.constant(grads[0]), v), (tf.constant(np.ones(4, "float32")), w)], 8, Recorder())
@@ -442,14 +369,12 @@ def test_sums_saved_under_other_names_are_matched_by_position_or_refused():
         other.accumulate([(tf.constant(grads[0].T), wrong[0]), (tf.constant(grads[0][0]), wrong[1])], 8, Recorder())
 
 
-def test_each_add_is_one_fused_pass_over_the_gradient_and_a_first_micro_batch_none():
+def test_each_add_is_one_fused_pass_over_the_gradient():
     # `total.assign_add(grad * size)` makes the product first: a Mul of the
-    # variable's shape in the traced step. The fused scaled add makes none,
-    # and a window's first micro-batch only hands its gradient to the sum.
-    # They are branches of tf.conds, which the graph's function library
-    # holds: of those that add (one for a micro-batch of no samples), only
-    # the branch that completes the window multiplies (b / W times the
-    # gradient, see `_folded_mean`).
+    # variable's shape in the traced step. The fused scaled add makes none.
+    # The add is one branch of a tf.cond (a window's first micro-batch
+    # writes its sums instead, product and all): the graph's function
+    # library holds the branches.
     v = variable("v", (64, 32))
     window = Window(4)
 
@@ -464,10 +389,7 @@ def test_each_add_is_one_fused_pass_over_the_gradient_and_a_first_micro_batch_no
     branches = {function.signature.name: {node.op for node in function.node_def}
                 for function in graph.as_graph_def().library.function}
     adding = [ops for ops in branches.values() if "ResourceApplyGradientDescent" in ops]
-    assert len(adding) == 3 and len([ops for ops in adding if "Mul" in ops]) == 1, branches
-    adopting = [ops for ops in branches.values() if "AssignVariableOp" in ops
-                and not ops & {"Mul", "ReadVariableOp", "ResourceApplyGradientDescent"}]
-    assert adopting, branches
+    assert len(adding) == 1 and "Mul" not in adding[0], branches
 
 
 def test_a_window_starts_afresh_for_a_variable_without_a_gradient_in_its_first_micro_batch():
@@ -492,25 +414,21 @@ def test_a_sum_of_in_place_elements_becomes_its_mean_in_place_and_a_smaller_one_
     monkeypatch.setattr(_window, "IN_PLACE_ELEMENTS", 6)
     big, small = variable("big", (2, 3)), variable("small", (5,))
     grads_big, grads_small = gradients((2, 3), 2), gradients((5,), 2, seed=1)
-    # (A window that completes makes its mean from its last gradient, in
-    # that gradient's buffer: `_folded_mean`. One that is flushed, from the
-    # sums, as here.)
-    window, recorder = Window(3), Recorder()
+    window, recorder = Window(2), Recorder()
     for g_big, g_small, b in zip(grads_big, grads_small, [8, 3]):
         window.accumulate([(tf.constant(g_big), big), (tf.constant(g_small), small)], b, recorder)
-    assert bool(window.flush(recorder).numpy()) and len(recorder.calls) == 1
+    assert len(recorder.calls) == 1
     np.testing.assert_allclose(recorder.calls[0]["big:0"], weighted_mean(grads_big, [8, 3]), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(recorder.calls[0]["small:0"], weighted_mean(grads_small, [8, 3]), rtol=1e-6, atol=1e-7)
     # Where each mean was made: the large sum's memory now holds its mean,
     # the small sum is left as it was.
     np.testing.assert_array_equal(window._sums[variable_key(big)].numpy(), recorder.calls[0]["big:0"])
-    # (In units of the latest micro-batch's weight, 3.)
+    # (Divided by the window's planned weight: 2 micro-batches of 8.)
     np.testing.assert_allclose(window._sums[variable_key(small)].numpy(),
-                               (8 * grads_small[0] + 3 * grads_small[1]) / 3, rtol=1e-6, atol=1e-6)
+                               (8 * grads_small[0] + 3 * grads_small[1]) / 16, rtol=1e-6, atol=1e-6)
     # The next window writes its sums afresh over the mean.
     for g_big, g_small, b in zip(grads_big[::-1], grads_small[::-1], [1, 1]):
         window.accumulate([(tf.constant(g_big), big), (tf.constant(g_small), small)], b, recorder)
-    assert bool(window.flush(recorder).numpy())
     np.testing.assert_allclose(recorder.calls[1]["big:0"], np.mean(grads_big, axis=0), rtol=1e-6, atol=1e-7)
 
 
