@@ -1,6 +1,6 @@
 """Side by side in one process: the working tree's gradaccum against a git revision's.
 
-    .tox/bench/bin/python tools/ab.py REV [--n 2,8] [--model mlp] [--windows 200]
+    .tox/bench/bin/python tools/ab.py REV [--n 2,8] [--model mlp] [--windows 240] [--instances 6]
 
 A library change that should make training faster is judged here before the
 benchmark's full run: the revision's `gradaccum/` is exported (`git archive`)
@@ -14,6 +14,17 @@ over several instances each; the figure is the ratio of their times per
 window (n consecutive steps: one update), its median, and the median of each
 fifth of the run, whose spread is the figure's own repeatability. The median
 time of each position in the window follows, to show where a difference is.
+
+`tools/ab.py HEAD` on a clean tree compares the library with itself: the
+control, which says what the figures can resolve. With every instance of a
+side built before the next side's, the side built first measured 1.000,
+0.994 and 0.980 of the other (3 instances, n = 2, 4, 8), then 0.997, 0.991,
+0.983 and 0.985 (12 instances, n = 8, 2, 4, 8), its fifths as tight as any
+(0.980-0.988 in the last): more instances did not remove it, so it was not
+their chance, but the order. The instances are now built in turns, one of
+every side a turn in a random order; the control then measured 0.993,
+1.003, 1.002 and 0.994 (6 instances, n = 8, 4, 2, 8): the resolution is
+about 1%, and a difference the fifths agree on can still be the build's.
 
 The tool refuses to run where the revision's optimizer is not its own (its
 class's module outside `gradaccum_ab`): a copy whose facade loads the
@@ -78,11 +89,16 @@ def compare(args, keras, packages):
                   for side, package in packages.items()}
         if _compat.keras_major(keras) >= 3 and n > 1:
             makers["keras3-option"] = lambda: (benchmark.sgd(keras, gradient_accumulation_steps=n), False)
-        runs = {}
-        for side, make in makers.items():
-            runs[side] = []
-            for _ in range(args.instances):
-                optimizer, sized = make()
+        runs = {side: [] for side in makers}
+        order = np.random.RandomState(0)
+        # Built in turns, one instance of every side a turn, the sides in a
+        # new random order each turn: where a model and its traced step land
+        # in memory sets its speed for as long as it lives, and with every
+        # instance of a side built before the next side's, the library
+        # measured 0.980-0.994 of itself (see the module's docstring).
+        for _ in range(args.instances):
+            for side in order.permutation(list(makers)):
+                optimizer, sized = makers[side]()
                 if sized and not type(optimizer).__module__.startswith(packages[side].__name__ + "."):
                     raise SystemExit("ab.py: {}'s optimizer is {}.{}, not its own package's; the comparison "
                                      "would run one library twice".format(
@@ -92,7 +108,6 @@ def compare(args, keras, packages):
                     step(*next(batch))
                 runs[side].append((step, batch))
         times = {side: [] for side in runs}
-        order = np.random.RandomState(0)
         gc.collect()
         gc.disable()
         try:
@@ -127,8 +142,8 @@ def main():
     parser.add_argument("revision", help="a git revision, e.g. HEAD or a commit")
     parser.add_argument("--n", default="2,8", help="micro-batches per update, comma-separated")
     parser.add_argument("--model", default="mlp", choices=sorted(benchmark.MODELS))
-    parser.add_argument("--windows", type=int, default=200, help="timed windows per variant")
-    parser.add_argument("--instances", type=int, default=3, help="models per variant, stepped in turn")
+    parser.add_argument("--windows", type=int, default=240, help="timed windows per variant")
+    parser.add_argument("--instances", type=int, default=6, help="models per variant, stepped in turn")
     args = parser.parse_args()
     for name, value, least in (("--windows", args.windows, 5), ("--instances", args.instances, 1)):
         if value < least:  # (--windows: the ratios are reported per fifth of them)
