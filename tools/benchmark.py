@@ -353,7 +353,8 @@ INSTANCES = {"mlp": 6, "cnn": 9}
 def throughput(args):
     """Steady-state step time of every variant, stepped in turn, step by step.
 
-    For each model and n, INSTANCES[model] models of every variant are traced and
+    For each model and n, INSTANCES[model] models of every variant are built
+    in turns (one of every variant a turn, in a random order), traced and
     warmed up (a `fit` epoch of 2n steps, then 2n steps), then the variants
     take one micro-step each in a random order, step after step: a drift of
     the machine's speed reaches every variant alike; which instance of a
@@ -378,11 +379,20 @@ def throughput(args):
         x, y = data(model_name, 64 * b)
         batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(b).cache().repeat()
         for n in NS:
-            runs = {}
-            for name, make in list(found.items()) + list(loops.items()):
-                runs[name] = []
-                for _ in range(instances):
-                    made = make(MODELS[model_name](keras), n)
+            makers = dict(list(found.items()) + list(loops.items()))
+            names = list(makers)
+            runs = {name: [] for name in names}
+            shuffle = np.random.RandomState(0)
+            # Built in turns, one instance of every variant a turn, the
+            # variants in a new random order each turn: where a model and its
+            # traced step land in memory sets its speed for as long as it
+            # lives, and with every instance of a variant built before the
+            # next variant's, tools/ab.py's control (the library against a
+            # copy of itself) put the side built first at 0.980-1.000 of the
+            # other, in six of seven runs below 1; built in turns, 0.993-1.003.
+            for _ in range(instances):
+                for name in shuffle.permutation(names):
+                    made = makers[name](MODELS[model_name](keras), n)
                     if name in loops:
                         for xb, yb in batches.take(n):  # trace
                             made(xb, yb)
@@ -391,8 +401,6 @@ def throughput(args):
                     runs[name].append(step_runner(name, made, batches))
                     for _ in range(2 * n):  # warm up: caches, allocator, slots
                         runs[name][-1]()
-            names = list(runs)
-            shuffle = np.random.RandomState(0)
             for part in ("settle", "timed"):  # (the first settles the process, and is not counted)
                 times = {name: [] for name in runs}
                 gc.collect()
@@ -413,7 +421,8 @@ def throughput(args):
             figures = {name: round_figures(measured, n, rounds) for name, measured in times.items()}
             for name, measured in figures.items():
                 row = {"model": model_name, "n": n, "b": b, "variant": name, "rounds": rounds,
-                       "instances": instances, "steps_per_round": steps, "round_figures_s": measured,
+                       "instances": instances, "built": "in turns", "steps_per_round": steps,
+                       "round_figures_s": measured,
                        "samples_per_s": b / float(np.median(measured)),
                        "spread": spread(measured)}
                 for against, key in (("plain", "vs_plain"), ("floor", "vs_floor")):
@@ -637,7 +646,7 @@ def targets(runs):
                          label, max(ratio_spreads), float(np.median(ratio_spreads))))
         models = [m for m in MODELS if any(r["model"] == m for r in rows)]
         # At n = 1 the optimizer-wrapper variant is compiled with the plain
-        # optimizer: the same training as plain, built second.
+        # optimizer: the same training as plain, built beside it in turns.
         same = [find[(m, 1, "gradaccum-optimizer")]["vs_plain"] for m in models]
         lines.append("- {}: control, two identical trainings (plain, and the wrapper variant at n = 1, which is "
                      "plain Keras): {} (the method's systematic resolution).".format(
@@ -780,8 +789,8 @@ def merge(out):
                       "micro-step in turn, in a new random order each step, {} x ({}) steps after a trace, a "
                       "warm-up and as many steps again to settle. A variant's windows of n steps (each holds "
                       "one update) are dealt to the {} rounds in turn, so each round spans the whole run, and "
-                      "to its model instances ({}) in turn within each round (identical instances differ in speed "
-                      "by up to 5% for as long as they live); a "
+                      "to its model instances ({}{}) in turn within each round (identical instances differ in "
+                      "speed by up to 5% for as long as they live); a "
                       "round's figure is its time per micro-batch, the mean of its middle 60% of windows; "
                       "samples/s is from the median round, "
                       "spread = (slowest - fastest) / fastest round. Ratios (speed over plain training, and "
@@ -790,7 +799,10 @@ def merge(out):
                       "micro-batch); `loop: floor` is that loop's gradients alone, `loop: bound` a lean exact "
                       "accumulation there (the gradients, one fused add, the update every n-th step on the sums "
                       "times 1 / n).".format(first["b"], first["rounds"], _per_model(run["throughput"], "steps_per_round"),
-                          first["rounds"], _per_model(run["throughput"], "instances")), "",
+                          first["rounds"], _per_model(run["throughput"], "instances"),
+                          # (runs before 5cc46b8's lesson built each variant's instances after the last's)
+                          ", built in turns: one of every variant a turn" if first.get("built") == "in turns"
+                          else ", each variant's built after the last's"), "",
                       "| model | n | variant | samples/s | spread | vs plain (spread) | vs floor (spread) |",
                       "|---|---|---|---|---|---|---|"]
             for row in run["throughput"]:
