@@ -91,23 +91,17 @@ def compare(args, keras, packages):
             makers["keras3-option"] = lambda: (benchmark.sgd(keras, gradient_accumulation_steps=n), False)
         runs = {side: [] for side in makers}
         order = np.random.RandomState(0)
-        # Built in turns, one instance of every side a turn, the sides in a
-        # new random order each turn: where a model and its traced step land
-        # in memory sets its speed for as long as it lives, and with every
-        # instance of a side built before the next side's, the library's
-        # side built first measured 0.980-1.000 of its identical copy, in
-        # six of seven runs below 1 (see the module's docstring).
-        for _ in range(args.instances):
-            for side in order.permutation(list(makers)):
-                optimizer, sized = makers[side]()
-                if sized and not type(optimizer).__module__.startswith(packages[side].__name__ + "."):
-                    raise SystemExit("ab.py: {}'s optimizer is {}.{}, not its own package's; the comparison "
-                                     "would run one library twice".format(
-                                         side, type(optimizer).__module__, type(optimizer).__name__))
-                step, batch = benchmark.loop_step(keras, make_model(keras), optimizer, sized), iter(batches)
-                for _ in range(4 * n):  # trace, warm up
-                    step(*next(batch))
-                runs[side].append((step, batch))
+        # (Built in turns: the side built first ran slow otherwise; see the module's docstring.)
+        for side in benchmark.in_turns(makers, args.instances, order):
+            optimizer, sized = makers[side]()
+            if sized and not type(optimizer).__module__.startswith(packages[side].__name__ + "."):
+                raise SystemExit("ab.py: {}'s optimizer is {}.{}, not its own package's; the comparison "
+                                 "would run one library twice".format(
+                                     side, type(optimizer).__module__, type(optimizer).__name__))
+            step, batch = benchmark.loop_step(keras, make_model(keras), optimizer, sized), iter(batches)
+            for _ in range(4 * n):  # trace, warm up
+                step(*next(batch))
+            runs[side].append((step, batch))
         times = {side: [] for side in runs}
         gc.collect()
         gc.disable()

@@ -292,6 +292,21 @@ def step_runner(name, made, batches):
     return lambda: train_function(iterator)
 
 
+def in_turns(names, instances, order):
+    """The order to build `instances` instances of each of `names` in: one of every name a turn.
+
+    The names come in a new random order each turn (`order`, a RandomState).
+    Where a model and its traced step land in memory sets its speed for as
+    long as it lives, and with every instance of a variant built before the
+    next variant's, tools/ab.py's control (the library against a copy of
+    itself) put the side built first at 0.980-1.000 of the other, in six of
+    seven runs below 1; built in turns, 0.993-1.003.
+    """
+    for _ in range(instances):
+        for name in order.permutation(list(names)):
+            yield name
+
+
 def instance_of(step, n, rounds, instances):
     """Which of a variant's instances takes micro-step `step`: its window's, dealt in turn to each round.
 
@@ -383,24 +398,16 @@ def throughput(args):
             names = list(makers)
             runs = {name: [] for name in names}
             shuffle = np.random.RandomState(0)
-            # Built in turns, one instance of every variant a turn, the
-            # variants in a new random order each turn: where a model and its
-            # traced step land in memory sets its speed for as long as it
-            # lives, and with every instance of a variant built before the
-            # next variant's, tools/ab.py's control (the library against a
-            # copy of itself) put the side built first at 0.980-1.000 of the
-            # other, in six of seven runs below 1; built in turns, 0.993-1.003.
-            for _ in range(instances):
-                for name in shuffle.permutation(names):
-                    made = makers[name](MODELS[model_name](keras), n)
-                    if name in loops:
-                        for xb, yb in batches.take(n):  # trace
-                            made(xb, yb)
-                    else:  # build, trace
-                        made.fit(x[:2 * n * b], y[:2 * n * b], batch_size=b, epochs=1, shuffle=False, verbose=0)
-                    runs[name].append(step_runner(name, made, batches))
-                    for _ in range(2 * n):  # warm up: caches, allocator, slots
-                        runs[name][-1]()
+            for name in in_turns(names, instances, shuffle):
+                made = makers[name](MODELS[model_name](keras), n)
+                if name in loops:
+                    for xb, yb in batches.take(n):  # trace
+                        made(xb, yb)
+                else:  # build, trace
+                    made.fit(x[:2 * n * b], y[:2 * n * b], batch_size=b, epochs=1, shuffle=False, verbose=0)
+                runs[name].append(step_runner(name, made, batches))
+                for _ in range(2 * n):  # warm up: caches, allocator, slots
+                    runs[name][-1]()
             for part in ("settle", "timed"):  # (the first settles the process, and is not counted)
                 times = {name: [] for name in runs}
                 gc.collect()
