@@ -480,13 +480,56 @@ def _rss(field):
     raise RuntimeError("no {} in /proc/self/status".format(field))
 
 
+class StepMemory(object):
+    """Each training step's tensor bytes: those held as it starts, and how far its own peak rises above them.
+
+    A Keras callback's methods (made into one by `step_memory`). The
+    allocator's peak is reset at each step's start and end, so a step's rise
+    is its own, and the training's peak is the largest of the steps' and of
+    what ran between them. Held bytes are what training keeps from step to
+    step (optimizer slots, accumulators); a step's rise is its transient
+    tensors (gradients, activations, an update's temporaries), whose overlap
+    TF's executor decides as it runs.
+    """
+
+    def __init__(self, tf):
+        self._tf = tf
+        self.held, self.rises = [], []
+        self.peak = 0
+
+    def _read(self, reset=True):
+        info = self._tf.config.experimental.get_memory_info("CPU:0")
+        self.peak = max(self.peak, info["peak"])
+        if reset:
+            self._tf.config.experimental.reset_memory_stats("CPU:0")
+        return info
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.held.append(self._read()["current"])
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.rises.append(self._read()["peak"] - self.held[-1])
+
+    def training_peak(self):
+        """The peak since `fit` began (read after it returned)."""
+        self._read(reset=False)
+        return self.peak
+
+
+def step_memory(keras, tf):
+    """A StepMemory that is a callback of `keras`."""
+    return type("StepMemoryCallback", (StepMemory, keras.callbacks.Callback), {})(tf)
+
+
 def memory_child(variant, b, n, samples):
     """The peak memory of training `variant`, net of everything that existed before, in this fresh process.
 
-    The data, the model and its compiled state are made first, in float32;
-    then the peak RSS is reset (Linux's clear_refs) and the resident size
-    read, so that the figure is what training itself adds: gradients,
-    optimizer slots, accumulators and temporaries.
+    The data and the model are made first, in float32; then the peak is
+    reset (Linux's clear_refs for RSS) and the current size read, and only
+    then is the variant made (wrapped and compiled), so that the figure is
+    what the variant and its training add: gradients, optimizer slots,
+    accumulators (gradient-accumulator's model makes its own as it is
+    made) and temporaries.
     """
     threads()
     keras = _keras()
@@ -495,7 +538,6 @@ def memory_child(variant, b, n, samples):
     y = np.zeros(len(x), "int64")
     model = memory_mlp(keras)
     params = int(sum(np.prod(v.shape) for v in model.trainable_variables))
-    trained = variants(keras)[variant](model, n)
     gc.collect()
     tensors = os.environ.get("TF_CPU_ALLOCATOR_USE_BFC") == "true"
     if tensors:
@@ -505,13 +547,34 @@ def memory_child(variant, b, n, samples):
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")  # resets VmHWM to the current RSS
         before = _rss("VmRSS")
-    trained.fit(x, y, batch_size=b, epochs=1, shuffle=False, verbose=0)
-    peak = _tf().config.experimental.get_memory_info("CPU:0")["peak"] if tensors else _rss("VmHWM")
+    trained = variants(keras)[variant](model, n)
+    steps = step_memory(keras, _tf()) if tensors else None
+    trained.fit(x, y, batch_size=b, epochs=1, shuffle=False, verbose=0, callbacks=[steps] if steps else None)
+    peak = steps.training_peak() if tensors else _rss("VmHWM")
     window = getattr(trained, "_accum_window", None) or getattr(trained.optimizer, "_accum_window", None)
     state = sum(int(np.prod(v.shape)) * _tf().as_dtype(v.dtype).size
                 for v in (window.all_variables() if window is not None else []))
-    print(json.dumps({"training_peak": peak - before, "before": before, "param_bytes": params * 4,
-                      "accumulator_bytes": state}))
+    measured = {"training_peak": peak - before, "before": before, "param_bytes": params * 4,
+                "accumulator_bytes": state}
+    if tensors:
+        # Bytes kept between steps once the first update made the slots (the
+        # last step's start), and each kind of step's largest rise over what
+        # it started with: the steps that update (every n-th) and the
+        # micro-steps, the first step left out (it makes the variables).
+        later = range(1, len(steps.rises))
+        measured.update({
+            "held": steps.held[-1] - before,
+            "update_rise": max(steps.rises[k] for k in later if k % n == n - 1),
+            "micro_rise": max([steps.rises[k] for k in later if k % n != n - 1] or [0])})
+    print(json.dumps(measured))
+
+
+# Fresh processes per row for the tensor count. Its peak moves by whole
+# kernels (8 or 16 MiB) from one process to the next, with the overlap of
+# the update's temporaries (see StepMemory): 3 processes a row left the
+# median on either side of a step.
+TENSOR_PROCESSES = 9
+STEP_PARTS = ("held", "update_rise", "micro_rise")
 
 
 def memory(args):
@@ -525,19 +588,30 @@ def memory(args):
         row = {"variant": variant, "b": batch, "n": steps}
         for key, env in (("training_peak", MEMORY_ENV), ("tensor_peak", TENSOR_ENV)):
             peaks = []
-            for _ in range(repeats if key == "training_peak" else 3):  # (3 more processes a row, not 5)
+            parts = {}  # tensor counts only: held, update_rise, micro_rise -> per process
+            for _ in range(repeats if key == "training_peak" else TENSOR_PROCESSES):
                 out = subprocess.run(
                     [sys.executable, os.path.abspath(__file__), "--memory-child", variant, str(batch), str(steps),
                      str(4 * n * b)],  # the same samples for every row: 4 updates of n*b
                     stdout=subprocess.PIPE, universal_newlines=True, check=True, env=env).stdout
                 measured = json.loads(out.strip().splitlines()[-1])
                 peaks.append(measured["training_peak"])
+                for part in STEP_PARTS:
+                    if part in measured:
+                        parts.setdefault(part, []).append(measured[part])
             row.update({key: float(np.median(peaks)), key + "_runs": peaks, "param_bytes": measured["param_bytes"],
                         "accumulator_bytes": measured["accumulator_bytes"]})
-            print("memory", key, variant, batch, steps, ["{:.1f}".format(p / 2 ** 20) for p in peaks], flush=True)
+            for part, values in parts.items():
+                row.update({part: float(np.median(values)), part + "_runs": values})
+            print("memory", key, variant, batch, steps, ["{:.1f}".format(p / 2 ** 20) for p in peaks],
+                  {part: ["{:.1f}".format(v / 2 ** 20) for v in values] for part, values in parts.items()},
+                  flush=True)
         results.append(row)
-    for key, over in (("training_peak", "over_plain_b"), ("tensor_peak", "tensor_over_plain_b")):
+    for key, over in (("training_peak", "over_plain_b"), ("tensor_peak", "tensor_over_plain_b"),
+                      ("held", "held_over_plain_b")):
         for row in results:
+            if key not in row:
+                continue
             row[over] = row[key] - results[0][key]
             row[over + "_in_params"] = row[over] / float(row["param_bytes"])
     return results
@@ -714,7 +788,8 @@ def targets(runs):
             for row in memory:
                 if row["n"] > 1 and row["variant"].startswith("gradaccum"):
                     for what, key in (("peak RSS", "over_plain_b_in_params"),
-                                      ("peak tensor bytes", "tensor_over_plain_b_in_params")):
+                                      ("peak tensor bytes", "tensor_over_plain_b_in_params"),
+                                      ("tensor bytes held between steps", "held_over_plain_b_in_params")):
                         if key in row:
                             lines.append("- {}: {} adds at most {}x the parameter bytes over plain at b ({}): {} "
                                          "({:.2f}x).".format(run["label"], row["variant"], MEMORY_TARGET, what,
@@ -760,17 +835,39 @@ def _memory_table(memory, key, over, accumulators):
     lines = ["| variant | b | n | {} (MiB), runs | over plain at b (MiB) | in parameter bytes |{}".format(
                  title, " accumulator variables |" if accumulators else ""),
              "|---|---|---|---|---|---|" + ("---|" if accumulators else "")]
+    steps = key == "tensor_peak" and "held" in memory[0]
+    if steps:
+        lines[0] += (" held between steps, over plain at b | an update step's rise (MiB), runs |"
+                     " a micro-step's rise (MiB), runs |")
+        lines[1] += "---|---|---|"
     for row in memory:
         state = ""
         if accumulators:
             state = " {} |".format("{:.2f} MiB = {:.3f}x".format(
                 row["accumulator_bytes"] / 2 ** 20, row["accumulator_bytes"] / float(row["param_bytes"]))
                 if row["accumulator_bytes"] else "-")
+        if steps:
+            state = " {:.2f}x | {} | {} |".format(row["held_over_plain_b_in_params"], *[
+                "{:.1f} ({})".format(row[part] / 2 ** 20, _span(row[part + "_runs"])) if row[part] else "-"
+                for part in ("update_rise", "micro_rise")])
         lines.append("| {} | {} | {} | {:.1f} ({}) | {:+.1f} | {:.2f}x |{}".format(
             row["variant"], row["b"], row["n"], row[key] / 2 ** 20,
             ", ".join("{:.1f}".format(p / 2 ** 20) for p in row[key + "_runs"]),
             row[over] / 2 ** 20, row[over + "_in_params"], state))
     return lines + [""]
+
+
+def _span(values):
+    """"40.0-64.0": the least and the most of byte counts, in MiB."""
+    return "{:.1f}-{:.1f}".format(min(values) / 2 ** 20, max(values) / 2 ** 20)
+
+
+_STEPS_TEXT = (
+    " Each step measured too (a callback resets the count's peak as a step starts and ends): the bytes held "
+    "as the last step starts (optimizer slots, accumulators; over plain's, in parameter bytes), and the "
+    "largest rise of a step above what it started with, among the steps that update (every n-th) and the "
+    "micro-steps, the first step left out (it makes the variables); medians, and the least and most "
+    "of the processes.")
 
 
 def _per_model(rows, key):
@@ -822,7 +919,7 @@ def merge(out):
                                                                     spliced["why"]), ""]
         if run.get("memory"):
             if run.get("memory_environment"):  # (another run's memory figures, spliced into this one)
-                lines += ["Memory (and convergence, where shown) measured in a run of its own ({date}, TensorFlow "
+                lines += ["Memory measured in a run of its own ({date}, TensorFlow "
                           "{tensorflow}): {why}".format(**dict(
                               {"why": "on the code after the throughput run."}, **run["memory_environment"])), ""]
             lines += ["Training's own peak memory: peak RSS during `fit` less the RSS just before it (data, model "
@@ -834,7 +931,8 @@ def merge(out):
                 lines += ["The same, counted by TensorFlow: the peak of the bytes its tensors hold during `fit` "
                           "less those held before it (its BFC allocator's count on the CPU, "
                           "TF_CPU_ALLOCATOR_USE_BFC=true; no malloc, no graphs), the median of {} fresh "
-                          "processes.".format(len(run["memory"][0]["tensor_peak_runs"])), ""
+                          "processes.{}".format(len(run["memory"][0]["tensor_peak_runs"]), _STEPS_TEXT
+                                               if "held" in run["memory"][0] else ""), ""
                           ] + _memory_table(run["memory"], "tensor_peak", "tensor_over_plain_b", accumulators=False)
         if run.get("convergence"):
             conv = run["convergence"]
