@@ -922,14 +922,14 @@ def merge(out):
                 lines += ["Memory measured in a run of its own ({date}, TensorFlow "
                           "{tensorflow}): {why}".format(**dict(
                               {"why": "on the code after the throughput run."}, **run["memory_environment"])), ""]
-            lines += ["Training's own peak memory: peak RSS during `fit` less the RSS just before it (data, model "
-                      "and compiled state made), the median of {} fresh processes per row; an MLP of {:.1f} MiB "
+            lines += ["Training's own peak memory: peak RSS during `fit` less the RSS before the variant was made "
+                      "(the data and the model exist; the variant is wrapped and compiled after), the median of {} fresh processes per row; an MLP of {:.1f} MiB "
                       "of float32 parameters whose activations are small.".format(
                           len(run["memory"][0]["training_peak_runs"]), run["memory"][0]["param_bytes"] / 2 ** 20), "",
                       ] + _memory_table(run["memory"], "training_peak", "over_plain_b", accumulators=True)
             if "tensor_peak" in run["memory"][0]:
                 lines += ["The same, counted by TensorFlow: the peak of the bytes its tensors hold during `fit` "
-                          "less those held before it (its BFC allocator's count on the CPU, "
+                          "less those held before the variant was made (its BFC allocator's count on the CPU, "
                           "TF_CPU_ALLOCATOR_USE_BFC=true; no malloc, no graphs), the median of {} fresh "
                           "processes.{}".format(len(run["memory"][0]["tensor_peak_runs"]), _STEPS_TEXT
                                                if "held" in run["memory"][0] else ""), ""
