@@ -24,8 +24,10 @@ instances, whose windows every round holds alike (`INSTANCES`). Each is
 reported as the median of its rounds with its spread, and as ratios to plain
 training and to the floor taken within each round: a lone absolute time on a
 shared machine is not a result. Memory is the peak of training itself (the
-data and model exist before it and are not counted), one configuration per
-fresh process, the median of several. Convergence overlays the loss curves of accumulation
+data and model exist before it and are not counted), through `fit` and in
+custom loops, one configuration per fresh process, the median of several,
+with each step's share (what training holds between steps, and how far a
+step rises above it). Convergence overlays the loss curves of accumulation
 (b, n), the big batch n*b and plain b, and prints the max weight difference.
 `results.md` ends with a summary per environment and each target stated as
 met or missed, with its figures.
@@ -200,6 +202,7 @@ def loop_step(keras, model, optimizer, sized):
             optimizer.apply_gradients(pairs, batch_size=tf.shape(x)[0])
         else:
             optimizer.apply_gradients(pairs)
+    step.optimizer = optimizer  # (for `memory_child`)
     return step
 
 
@@ -526,33 +529,49 @@ def memory_child(variant, b, n, samples):
 
     The data and the model are made first, in float32; then the peak is
     reset (Linux's clear_refs for RSS) and the current size read, and only
-    then is the variant made (wrapped and compiled), so that the figure is
-    what the variant and its training add: gradients, optimizer slots,
-    accumulators (gradient-accumulator's model makes its own as it is
-    made) and temporaries.
+    then is the variant made (wrapped and compiled, or a custom loop's step
+    made: "loop: ..." variants, stepped on the same micro-batches), so that
+    the figure is what the variant and its training add: gradients,
+    optimizer slots, accumulators (gradient-accumulator's model makes its
+    own as it is made) and temporaries.
     """
     threads()
     keras = _keras()
+    tf = _tf()
     rng = np.random.default_rng(0)
     x = rng.standard_normal((samples, MEMORY_MODEL["inputs"]), dtype=np.float32)
     y = np.zeros(len(x), "int64")
+    loop = variant.startswith("loop:")
+    if loop:  # (a custom loop's micro-batches, as tensors)
+        batches = [(tf.constant(x[i:i + b]), tf.constant(y[i:i + b])) for i in range(0, len(x), b)]
     model = memory_mlp(keras)
     params = int(sum(np.prod(v.shape) for v in model.trainable_variables))
     gc.collect()
     tensors = os.environ.get("TF_CPU_ALLOCATOR_USE_BFC") == "true"
     if tensors:
-        before = _tf().config.experimental.get_memory_info("CPU:0")["current"]
-        _tf().config.experimental.reset_memory_stats("CPU:0")
+        before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        tf.config.experimental.reset_memory_stats("CPU:0")
     else:
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")  # resets VmHWM to the current RSS
         before = _rss("VmRSS")
-    trained = variants(keras)[variant](model, n)
-    steps = step_memory(keras, _tf()) if tensors else None
-    trained.fit(x, y, batch_size=b, epochs=1, shuffle=False, verbose=0, callbacks=[steps] if steps else None)
+    steps = step_memory(keras, tf) if tensors else None
+    if loop:
+        step = loop_variants(keras)[variant](model, n)
+        for k, batch in enumerate(batches):
+            if steps:
+                steps.on_train_batch_begin(k)
+            step(*batch)
+            if steps:
+                steps.on_train_batch_end(k)
+        trained, optimizer = None, step.optimizer
+    else:
+        trained = variants(keras)[variant](model, n)
+        trained.fit(x, y, batch_size=b, epochs=1, shuffle=False, verbose=0, callbacks=[steps] if steps else None)
+        optimizer = trained.optimizer
     peak = steps.training_peak() if tensors else _rss("VmHWM")
-    window = getattr(trained, "_accum_window", None) or getattr(trained.optimizer, "_accum_window", None)
-    state = sum(int(np.prod(v.shape)) * _tf().as_dtype(v.dtype).size
+    window = getattr(trained, "_accum_window", None) or getattr(optimizer, "_accum_window", None)
+    state = sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size
                 for v in (window.all_variables() if window is not None else []))
     measured = {"training_peak": peak - before, "before": before, "param_bytes": params * 4,
                 "accumulator_bytes": state}
@@ -582,6 +601,9 @@ def memory(args):
     b, n = 16, 8
     accumulating = [name for name in variants(keras) if name not in ("plain", "floor")]
     runs = [("plain", b, 1), ("plain", n * b, 1)] + [(name, b, n) for name in accumulating]
+    # Custom loops: the optimizer wrappers against the plain loop (the
+    # wrappers' own use; rows over plain compare with their own plain).
+    runs += [("loop: plain", b, 1)] + [("loop: " + name, b, n) for name in optimizers(keras)]
     repeats = 3 if args.quick else 5
     results = []
     for variant, batch, steps in runs:
@@ -607,12 +629,13 @@ def memory(args):
                   {part: ["{:.1f}".format(v / 2 ** 20) for v in values] for part, values in parts.items()},
                   flush=True)
         results.append(row)
+    plain = {row["variant"]: row for row in results if row["variant"] in ("plain", "loop: plain") and row["b"] == b}
     for key, over in (("training_peak", "over_plain_b"), ("tensor_peak", "tensor_over_plain_b"),
                       ("held", "held_over_plain_b")):
         for row in results:
             if key not in row:
                 continue
-            row[over] = row[key] - results[0][key]
+            row[over] = row[key] - plain[_plain_of(row["variant"])][key]
             row[over + "_in_params"] = row[over] / float(row["param_bytes"])
     return results
 
@@ -786,21 +809,32 @@ def targets(runs):
         memory = run.get("memory", [])
         if memory:
             for row in memory:
-                if row["n"] > 1 and row["variant"].startswith("gradaccum"):
+                if row["n"] > 1 and _ours(row["variant"]):
                     for what, key in (("peak RSS", "over_plain_b_in_params"),
                                       ("peak tensor bytes", "tensor_over_plain_b_in_params"),
                                       ("tensor bytes held between steps", "held_over_plain_b_in_params")):
                         if key in row:
-                            lines.append("- {}: {} adds at most {}x the parameter bytes over plain at b ({}): {} "
-                                         "({:.2f}x).".format(run["label"], row["variant"], MEMORY_TARGET, what,
+                            lines.append("- {}: {} adds at most {}x the parameter bytes over {} at b ({}): {} "
+                                         "({:.2f}x).".format(run["label"], row["variant"], MEMORY_TARGET,
+                                                             _plain_of(row["variant"]), what,
                                                              _verdict(row[key] <= MEMORY_TARGET), row[key]))
             others = ["{} {:.2f}x{}".format(row["variant"], row["over_plain_b_in_params"],
                                             " (tensors {:.2f}x)".format(row["tensor_over_plain_b_in_params"])
                                             if "tensor_peak" in row else "")
-                      for row in memory if row["n"] > 1 and not row["variant"].startswith("gradaccum")]
+                      for row in memory if row["n"] > 1 and not _ours(row["variant"])]
             if others:
                 lines.append("- {}: for comparison, the alternatives add {}.".format(run["label"], ", ".join(others)))
     return lines + [""]
+
+
+def _ours(variant):
+    """Whether a variant's name is gradaccum's, through `fit` or in a custom loop ("loop: ...")."""
+    return variant.replace("loop: ", "").startswith("gradaccum")
+
+
+def _plain_of(variant):
+    """What a variant's memory is compared with: plain training, the plain loop for a loop's."""
+    return "loop: plain" if variant.startswith("loop:") else "plain"
 
 
 def summary(runs):
@@ -924,7 +958,8 @@ def merge(out):
                               {"why": "on the code after the throughput run."}, **run["memory_environment"])), ""]
             lines += ["Training's own peak memory: peak RSS during `fit` less the RSS before the variant was made "
                       "(the data and the model exist; the variant is wrapped and compiled after), the median of {} fresh processes per row; an MLP of {:.1f} MiB "
-                      "of float32 parameters whose activations are small.".format(
+                      "of float32 parameters whose activations are small. A custom loop's rows (`loop:`) are "
+                      "compared with the plain loop's.".format(
                           len(run["memory"][0]["training_peak_runs"]), run["memory"][0]["param_bytes"] / 2 ** 20), "",
                       ] + _memory_table(run["memory"], "training_peak", "over_plain_b", accumulators=True)
             if "tensor_peak" in run["memory"][0]:
