@@ -897,7 +897,7 @@ def _span(values):
 
 
 _STEPS_TEXT = (
-    " Each step measured too (a callback resets the count's peak as a step starts and ends): the bytes held "
+    " Each step measured too (the count's peak reset as a step starts and ends): the bytes held "
     "as the last step starts (optimizer slots, accumulators; over plain's, in parameter bytes), and the "
     "largest rise of a step above what it started with, among the steps that update (every n-th) and the "
     "micro-steps, the first step left out (it makes the variables); medians, and the least and most "
@@ -957,9 +957,9 @@ def merge(out):
                           "{tensorflow}): {why}".format(**dict(
                               {"why": "on the code after the throughput run."}, **run["memory_environment"])), ""]
             lines += ["Training's own peak memory: peak RSS during `fit` less the RSS before the variant was made "
-                      "(the data and the model exist; the variant is wrapped and compiled after), the median of {} fresh processes per row; an MLP of {:.1f} MiB "
-                      "of float32 parameters whose activations are small. A custom loop's rows (`loop:`) are "
-                      "compared with the plain loop's.".format(
+                      "(the data and the model exist; the variant is wrapped and compiled after), the median of "
+                      "{} fresh processes per row; an MLP of {:.1f} MiB of float32 parameters whose activations "
+                      "are small. A custom loop's rows (`loop:`) are compared with the plain loop's.".format(
                           len(run["memory"][0]["training_peak_runs"]), run["memory"][0]["param_bytes"] / 2 ** 20), "",
                       ] + _memory_table(run["memory"], "training_peak", "over_plain_b", accumulators=True)
             if "tensor_peak" in run["memory"][0]:
