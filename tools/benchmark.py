@@ -20,7 +20,8 @@ wrappers also in a custom training loop (`loop:` rows). TF runs on one thread
 (see `threads`). The variants of a model and n take one micro-step each in a
 new random order, step after step, after a trace and a warm-up, with the
 garbage collector kept out of the timed rounds; each variant is several model
-instances, whose windows every round holds alike (`INSTANCES`). Each is
+instances, each traced several times, whose windows and traces every round
+holds alike (`INSTANCES`, `TRACES`). Each is
 reported as the median of its rounds with its spread, and as ratios to plain
 training and to the floor taken within each round: a lone absolute time on a
 shared machine is not a result. Memory is the peak of training itself (the
@@ -40,6 +41,7 @@ import argparse
 import gc
 import glob
 import json
+import math
 import os
 import platform
 import subprocess
@@ -203,6 +205,7 @@ def loop_step(keras, model, optimizer, sized):
         else:
             optimizer.apply_gradients(pairs)
     step.optimizer = optimizer  # (for `memory_child`)
+    step.retrace = lambda: loop_step(keras, model, optimizer, sized)
     return step
 
 
@@ -224,6 +227,7 @@ def loop_variants(keras):
         @tf.function
         def step(x, y):  # the loop's own floor: its gradients, reduced to one number, never applied
             return reduced(gradients(keras, model, x, y))
+        step.retrace = lambda: floor_for(model)
         return step
 
     def bound_for(model, n):
@@ -239,23 +243,26 @@ def loop_variants(keras):
         sums = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in variables]
         opt.build(variables)  # (its slots, before the trace that applies)
 
-        @tf.function
-        def step(x, y, first, last):
-            for total, grad in zip(sums, gradients(keras, model, x, y)):
-                if first:
-                    total.assign(grad, read_value=False)
-                else:  # (gradaccum's own fused add, with a weight of 1)
-                    _add_scaled(total, grad, tf.constant(1.0))
-            if last:
-                opt.apply_gradients([(total * (1.0 / n), v) for total, v in zip(sums, variables)])
+        def traced():
+            @tf.function
+            def step(x, y, first, last):
+                for total, grad in zip(sums, gradients(keras, model, x, y)):
+                    if first:
+                        total.assign(grad, read_value=False)
+                    else:  # (gradaccum's own fused add, with a weight of 1)
+                        _add_scaled(total, grad, tf.constant(1.0))
+                if last:
+                    opt.apply_gradients([(total * (1.0 / n), v) for total, v in zip(sums, variables)])
+
+            def run(x, y):
+                k = taken[0] % n
+                taken[0] += 1
+                step(x, y, k == 0, k == n - 1)
+            run.retrace = traced  # (another trace, over the same sums and count)
+            return run
 
         taken = [0]
-
-        def run(x, y):
-            k = taken[0] % n
-            taken[0] += 1
-            step(x, y, k == 0, k == n - 1)
-        return run
+        return traced()
 
     found = {"loop: plain": lambda model, n: step_for(model, sgd(keras)),
              "loop: floor": lambda model, n: floor_for(model),
@@ -281,18 +288,47 @@ def threads():
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
-def step_runner(name, made, batches):
+def step_runner(name, made, batches, n=1, traces=1, phase=0):
     """A callable that runs one training step of `made`, on the next micro-batch of `batches`.
 
     A compiled model is stepped through its own train function (the one
-    `fit` traced and warmed up), a custom loop's step through its
-    tf.function; either reads a repeating, cached tf.data iterator.
+    `fit` traced, and `traces` - 1 more made anew), a custom loop's step
+    through its tf.function (and `traces` - 1 more made over the same model,
+    optimizer and window); all read one repeating, cached tf.data iterator.
+    Every trace of an instance steps the same model, so one window's steps
+    can run on different traces: step k runs on trace
+    (k + k // m + `phase`) mod `traces`, m the least common multiple of n
+    and `traces`: each trace in turn, and the window's update on another
+    trace after every m steps (k mod `traces` alone would put every update
+    on one trace where n is a multiple of `traces`; `phase`, the instance's
+    number, puts the instances' updates of one round on different traces
+    too). Its `warm_up`: the steps after which every trace has taken every
+    step of a window (`loop: bound` traces each kind of step anew), and at
+    least two windows. Why: each traced function runs at an offset
+    of its own for as long as it lives (INSTANCES), and a round then pools
+    all of an instance's traces, not one of them.
     """
     iterator = iter(batches)
     if name.startswith("loop:"):
-        return lambda: made(*next(iterator))
-    train_function = made.make_train_function()
-    return lambda: train_function(iterator)
+        steps = [made]
+        while len(steps) < traces:
+            steps.append(made.retrace())
+        calls = [lambda step=step: step(*next(iterator)) for step in steps]
+    else:
+        functions = [made.make_train_function()]
+        while len(functions) < traces:
+            made.make_train_function(force=True)  # (Keras 3's returns None, and sets it)
+            functions.append(made.train_function)
+        calls = [lambda function=function: function(iterator) for function in functions]
+    m = n * traces // math.gcd(n, traces)
+    taken = [0]
+
+    def run():
+        k = taken[0]
+        taken[0] += 1
+        calls[(k + k // m + phase) % traces]()
+    run.warm_up = max(2 * n, m * traces)
+    return run
 
 
 def in_turns(names, instances, order):
@@ -366,17 +402,28 @@ STEPS = {"mlp": 192, "cnn": 72}
 # 0.6%. Each round pools all instances' windows, so the offsets are averaged
 # into every round alike, over more instances where they are larger.
 INSTANCES = {"mlp": 6, "cnn": 9}
+# Traces per instance: its train function made anew (or its loop's step),
+# over the same model, and its steps dealt to them in turn (`step_runner`).
+# 9 CNN instances of one trace left the offsets to chance: the CNN's n = 1
+# control (plain against the wrapper variant, the same computation)
+# measured 0.983-1.030 over five fresh processes, the loop's pair
+# 0.979-1.005; with 4 traces an instance, 0.995-1.001 and 0.995-1.002, in
+# the same time. Each instance takes STEPS / INSTANCES steps a round (8 on
+# the CNN), a multiple of TRACES: every round holds every trace alike.
+TRACES = 4
 
 
 def throughput(args):
     """Steady-state step time of every variant, stepped in turn, step by step.
 
     For each model and n, INSTANCES[model] models of every variant are built
-    in turns (one of every variant a turn, in a random order), traced and
-    warmed up (a `fit` epoch of 2n steps, then 2n steps), then the variants
-    take one micro-step each in a random order, step after step: a drift of
-    the machine's speed reaches every variant alike; which instance of a
-    variant steps follows its windows (`instance_of`). STEPS steps settle the process and are not counted;
+    in turns (one of every variant a turn, in a random order), traced
+    (TRACES times, `step_runner`) and warmed up (a `fit` epoch of 2n steps,
+    then at least 2n steps, every trace at every step of a window), then the variants take
+    one micro-step each in a random order, step after step: a drift of the
+    machine's speed reaches every variant alike; which instance of a
+    variant steps follows its windows (`instance_of`), and which of its
+    traces, its own count of steps. STEPS steps settle the process and are not counted;
     then rounds x STEPS are timed. A variant's windows (each n consecutive
     steps, which hold exactly one update, so the update's cost is counted,
     shared by its n micro-batches; a median of single steps would skip it
@@ -390,13 +437,20 @@ def throughput(args):
     found, loops = variants(keras), loop_variants(keras)
     b = 32
     rounds = 3 if args.quick else args.rounds
+    ns = [int(n) for n in args.ns.split(",")]  # (checked in `main`)
     results = []
     for model_name in args.models.split(","):
         steps = STEPS[model_name] // (4 if args.quick else 1)
         instances = INSTANCES[model_name]
         x, y = data(model_name, 64 * b)
         batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(b).cache().repeat()
-        for n in NS:
+        # No autotuning: its thread, one per iterator (one per instance), woke
+        # beside the timed steps, and each iterator's end waited for it (12
+        # instances' ends took 3.6 s, 0.35 s without; a run of 60, minutes).
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        batches = batches.with_options(options)
+        for n in ns:
             makers = dict(list(found.items()) + list(loops.items()))
             names = list(makers)
             runs = {name: [] for name in names}
@@ -408,8 +462,8 @@ def throughput(args):
                         made(xb, yb)
                 else:  # build, trace
                     made.fit(x[:2 * n * b], y[:2 * n * b], batch_size=b, epochs=1, shuffle=False, verbose=0)
-                runs[name].append(step_runner(name, made, batches))
-                for _ in range(2 * n):  # warm up: caches, allocator, slots
+                runs[name].append(step_runner(name, made, batches, n, TRACES, phase=len(runs[name])))
+                for _ in range(runs[name][-1].warm_up):  # trace, warm up: caches, allocator, slots
                     runs[name][-1]()
             for part in ("settle", "timed"):  # (the first settles the process, and is not counted)
                 times = {name: [] for name in runs}
@@ -431,7 +485,8 @@ def throughput(args):
             figures = {name: round_figures(measured, n, rounds) for name, measured in times.items()}
             for name, measured in figures.items():
                 row = {"model": model_name, "n": n, "b": b, "variant": name, "rounds": rounds,
-                       "instances": instances, "built": "in turns", "steps_per_round": steps,
+                       "instances": instances, "traces": TRACES, "built": "in turns",
+                       "steps_per_round": steps,
                        "round_figures_s": measured,
                        "samples_per_s": b / float(np.median(measured)),
                        "spread": spread(measured)}
@@ -928,7 +983,7 @@ def merge(out):
                       "warm-up and as many steps again to settle. A variant's windows of n steps (each holds "
                       "one update) are dealt to the {} rounds in turn, so each round spans the whole run, and "
                       "to its model instances ({}{}) in turn within each round (identical instances differ in "
-                      "speed by up to 5% for as long as they live); a "
+                      "speed by up to 5% for as long as they live){}; a "
                       "round's figure is its time per micro-batch, the mean of its middle 60% of windows; "
                       "samples/s is from the median round, "
                       "spread = (slowest - fastest) / fastest round. Ratios (speed over plain training, and "
@@ -940,7 +995,11 @@ def merge(out):
                           first["rounds"], _per_model(run["throughput"], "instances"),
                           # (runs before 5cc46b8's lesson built each variant's instances after the last's)
                           ", built in turns: one of every variant a turn" if first.get("built") == "in turns"
-                          else ", each variant's built after the last's"), "",
+                          else ", each variant's built after the last's",
+                          # (runs before the traces: one trace an instance)
+                          ", and an instance's steps to its traces in turn ({} traced functions an instance, each "
+                          "with an offset of its own too)".format(_per_model(run["throughput"], "traces"))
+                          if any(row.get("traces", 1) > 1 for row in run["throughput"]) else ""), "",
                       "| model | n | variant | samples/s | spread | vs plain (spread) | vs floor (spread) |",
                       "|---|---|---|---|---|---|---|"]
             for row in run["throughput"]:
@@ -986,6 +1045,9 @@ def main():
     parser.add_argument("--label", default="run")
     parser.add_argument("--models", default=",".join(MODELS), help="throughput of these models only")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per variant")
+    parser.add_argument("--ns", default=",".join(map(str, NS)),
+                        help="throughput at these n only (n = 1 is the control: plain against the same "
+                             "computation through the wrapper)")
     parser.add_argument("--parts", default="throughput,memory,convergence")
     parser.add_argument("--merge", metavar="DIR", help="write DIR/results.md from DIR/benchmark-*.json")
     parser.add_argument("--memory-child", nargs=4, metavar=("VARIANT", "B", "N", "SAMPLES"), help=argparse.SUPPRESS)
@@ -995,12 +1057,17 @@ def main():
         return memory_child(variant, int(b), int(n), int(samples))
     if args.merge:
         return merge(args.merge)
-    os.makedirs(args.out, exist_ok=True)
-    threads()
     parts = set(args.parts.split(","))
     unknown = parts - {"throughput", "memory", "convergence"}
     if unknown:
         parser.error("--parts: unknown {}; allowed: throughput, memory, convergence".format(sorted(unknown)))
+    if not set(args.models.split(",")) <= set(MODELS):
+        parser.error("--models: received {!r}; allowed: a comma-separated list of {}".format(
+            args.models, ", ".join(MODELS)))
+    if not all(n.isdigit() and int(n) > 0 for n in args.ns.split(",")):
+        parser.error("--ns: received {!r}; allowed: a comma-separated list of positive integers".format(args.ns))
+    os.makedirs(args.out, exist_ok=True)
+    threads()
     result = {"label": args.label, "quick": args.quick, "environment": environment()}
     if "throughput" in parts:
         result["throughput"] = throughput(args)
