@@ -974,8 +974,9 @@ def merge(out):
     for run in runs:
         env = run["environment"]
         lines += ["## {} ({})".format(run["label"], "quick" if run["quick"] else "full"), "",
-                  "{date}; Python {python}, TensorFlow {tensorflow}, {keras}; {machine}; GPU: {gpus}.".format(
-                      gpus=", ".join(env["gpu"]) or "none", **env), ""]
+                  "{date}; Python {python}, TensorFlow {tensorflow}, {keras}; {machine}; GPU: {gpus}.{why}".format(
+                      gpus=", ".join(env["gpu"]) or "none", **dict(env, why=" " + env["why"] if "why" in env else "")),
+                  ""]
         if run.get("throughput"):
             first = run["throughput"][0]
             lines += ["Throughput, samples/s at micro-batch b={}: every variant of a model and n takes one "
@@ -1030,8 +1031,11 @@ def merge(out):
                           ] + _memory_table(run["memory"], "tensor_peak", "tensor_over_plain_b", accumulators=False)
         if run.get("convergence"):
             conv = run["convergence"]
-            lines += ["Convergence: max |w_acc - w_big| = {:.3g} ({:.3g} of the weight change); plot: {}.".format(
-                conv["max_weight_diff"], conv["of_change"], conv["png"]), ""]
+            lines += ["Convergence: max |w_acc - w_big| = {:.3g} ({:.3g} of the weight change); plot: {}.{}".format(
+                conv["max_weight_diff"], conv["of_change"], conv["png"],
+                # (another run's convergence, spliced into this one)
+                " From another run ({date}): {why}".format(**run["convergence_environment"])
+                if "convergence_environment" in run else ""), ""]
     lines += summary(runs) + targets(runs)
     with open(os.path.join(out, "results.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
