@@ -804,60 +804,66 @@ def targets(runs):
                      "largest {:.1%}, median {:.1%}.".format(
                          label, max(ratio_spreads), float(np.median(ratio_spreads))))
         models = [m for m in MODELS if any(r["model"] == m for r in rows)]
+        # The n > 1 this run has (all of NS, unless it ran with `--ns`), as the lines name them.
+        ns = [n for n in NS if n > 1 and any(r["n"] == n for r in rows)]
+        named = "n = " + ", ".join(map(str, ns))
         # At n = 1 the optimizer-wrapper variant is compiled with the plain
         # optimizer: the same training as plain, built beside it in turns.
-        same = [find[(m, 1, "gradaccum-optimizer")]["vs_plain"] for m in models]
-        lines.append("- {}: control, two identical trainings (plain, and the wrapper variant at n = 1, which is "
-                     "plain Keras): {} (the method's systematic resolution).".format(
-                         label, ", ".join("{} {:.3f}".format(m, v) for m, v in zip(models, same))))
+        same = [find[(m, 1, "gradaccum-optimizer")]["vs_plain"] for m in models if (m, 1, "plain") in find]
+        if same:  # (a run of some n only, `--ns`, may lack n = 1)
+            lines.append("- {}: control, two identical trainings (plain, and the wrapper variant at n = 1, which "
+                         "is plain Keras): {} (the method's systematic resolution).".format(
+                             label, ", ".join("{} {:.3f}".format(m, v) for m, v in zip(models, same))))
         # At n = 1 both should be plain training: `accumulate(model, 1)` is
         # Keras' own step, and the custom loop's AccumOptimizer(opt, 1) the
         # wrapped optimizer's apply_gradients.
         for ours, theirs in (("gradaccum", "plain"), ("loop: gradaccum-optimizer", "loop: plain")):
-            n1 = [_paired(find[(m, 1, ours)], find[(m, 1, theirs)]) for m in models if (m, 1, ours) in find]
+            n1 = [(m, _paired(find[(m, 1, ours)], find[(m, 1, theirs)])) for m in models if (m, 1, ours) in find]
             if n1:
                 lines.append("- {}: n = 1 indistinguishable from plain (within {:.0%}): {} ({} / {}: {}).".format(
-                    label, TIE, _verdict(all(abs(v - 1) <= TIE for v in n1)), ours, theirs,
-                    ", ".join("{} {:.3f}".format(m, v) for m, v in zip(models, n1))))
-        for model in models:
+                    label, TIE, _verdict(all(abs(v - 1) <= TIE for _, v in n1)), ours, theirs,
+                    ", ".join("{} {:.3f}".format(m, v) for m, v in n1)))
+        for model in models if ns else []:
             target = FLOOR_TARGET[model]
-            ratios = [find[(model, n, "gradaccum")]["vs_floor"] for n in NS if n > 1]
-            lines.append("- {}: gradaccum at least {:.2f} of the floor on the {} (n = 2, 4, 8): {} ({}; plain "
+            ratios = [find[(model, n, "gradaccum")]["vs_floor"] for n in ns]
+            lines.append("- {}: gradaccum at least {:.2f} of the floor on the {} ({}): {} ({}; plain "
                          "Keras, which applies every step: {:.3f}).".format(
-                             label, target, model, _verdict(min(ratios) >= target),
-                             ", ".join("{:.3f}".format(v) for v in ratios), find[(model, 1, "plain")]["vs_floor"]))
-            if (model, 2, "loop: floor") in find:
+                             label, target, model, named, _verdict(min(ratios) >= target),
+                             ", ".join("{:.3f}".format(v) for v in ratios),
+                             find[(model, 1, "plain")]["vs_floor"] if (model, 1, "plain") in find else float("nan")))
+            if (model, ns[0], "loop: floor") in find:
                 # The same target, like for like: a custom loop's step against
                 # that loop's gradients alone, without `fit`'s own step (its
                 # loss tracking and logs), which the floor above leaves out.
                 ratios = [_paired(find[(model, n, "loop: gradaccum-optimizer")], find[(model, n, "loop: floor")])
-                          for n in NS if n > 1]
+                          for n in ns]
                 lines.append("- {}: loop: gradaccum-optimizer at least {:.2f} of loop: floor on the {} "
-                             "(n = 2, 4, 8): {} ({}; loop: plain {:.3f}).".format(
-                                 label, target, model, _verdict(min(ratios) >= target),
+                             "({}): {} ({}; loop: plain {:.3f}).".format(
+                                 label, target, model, named, _verdict(min(ratios) >= target),
                                  ", ".join("{:.3f}".format(v) for v in ratios),
-                                 _paired(find[(model, 1, "loop: plain")], find[(model, 1, "loop: floor")])))
+                                 _paired(find[(model, 1, "loop: plain")], find[(model, 1, "loop: floor")])
+                                 if (model, 1, "loop: plain") in find else float("nan")))
         if any(r["variant"] == "loop: bound" for r in rows):
             # What accumulation cannot avoid: the bound makes the gradients, adds
             # them in one fused pass and applies every n-th step, nothing more.
-            for model in models:
-                lines.append("- {}: the {}'s bound (loop: bound / loop: floor, n = 2, 4, 8): {}; loop: "
+            for model in models if ns else []:
+                lines.append("- {}: the {}'s bound (loop: bound / loop: floor, {}): {}; loop: "
                              "gradaccum-optimizer / loop: bound: {}.".format(
-                                 label, model, ", ".join("{:.3f}".format(_paired(
+                                 label, model, named, ", ".join("{:.3f}".format(_paired(
                                      find[(model, n, "loop: bound")], find[(model, n, "loop: floor")]))
-                                     for n in NS if n > 1),
+                                     for n in ns),
                                  ", ".join("{:.3f}".format(_paired(
                                      find[(model, n, "loop: gradaccum-optimizer")], find[(model, n, "loop: bound")]))
-                                     for n in NS if n > 1)))
+                                     for n in ns)))
         for ours, theirs in RIVALS:
             ratios = [(model, n, _paired(find[(model, n, ours)], find[(model, n, theirs)]))
-                      for model in models for n in NS if n > 1 and (model, n, theirs) in find]
+                      for model in models for n in ns if (model, n, theirs) in find]
             if not ratios:
                 continue
             low = min(v for _, _, v in ratios)
             verdict = _verdict(low >= 1.0) if low >= 1.0 or low < 1 - TIE else "**tie** (within {:.0%})".format(TIE)
-            lines.append("- {}: {} at least as fast as {}: {} (ours / theirs, n = 2, 4, 8: {}).".format(
-                label, ours, theirs, verdict,
+            lines.append("- {}: {} at least as fast as {}: {} (ours / theirs, {}: {}).".format(
+                label, ours, theirs, verdict, named,
                 "; ".join("{} {}".format(model, ", ".join("{:.3f}".format(v) for m, _, v in ratios if m == model))
                           for model in models)))
     for run in runs:
