@@ -809,11 +809,12 @@ def targets(runs):
         named = "n = " + ", ".join(map(str, ns))
         # At n = 1 the optimizer-wrapper variant is compiled with the plain
         # optimizer: the same training as plain, built beside it in turns.
-        same = [find[(m, 1, "gradaccum-optimizer")]["vs_plain"] for m in models if (m, 1, "plain") in find]
+        same = [(m, find[(m, 1, "gradaccum-optimizer")]["vs_plain"]) for m in models
+                if (m, 1, "gradaccum-optimizer") in find]
         if same:  # (a run of some n only, `--ns`, may lack n = 1)
             lines.append("- {}: control, two identical trainings (plain, and the wrapper variant at n = 1, which "
                          "is plain Keras): {} (the method's systematic resolution).".format(
-                             label, ", ".join("{} {:.3f}".format(m, v) for m, v in zip(models, same))))
+                             label, ", ".join("{} {:.3f}".format(m, v) for m, v in same)))
         # At n = 1 both should be plain training: `accumulate(model, 1)` is
         # Keras' own step, and the custom loop's AccumOptimizer(opt, 1) the
         # wrapped optimizer's apply_gradients.
