@@ -52,7 +52,7 @@ class _Keras2Training(_model.Accumulating):
 
     def train_step(self, data):
         if self._accum_keras_step:
-            return self._with_update_count(super(_Keras2Training, self).train_step(data))
+            return super(_Keras2Training, self).train_step(data)
         optimizer = self.optimizer
         _model.refuse_accumulating_optimizer(optimizer, self._accum_n)
         window = self._accum_window
@@ -75,7 +75,7 @@ class _Keras2Training(_model.Accumulating):
         with tf.init_scope():
             optimizer.iterations  # created outside the cond branch
         window.accumulate(grads_and_vars, _model.batch_size(x), optimizer.apply_gradients)
-        return self._with_update_count(self._accum_metrics(x, y, y_pred, sample_weight))
+        return self._accum_metrics(x, y, y_pred, sample_weight)
 
     def _make_train_function(self):
         # Graph mode only (TF 1.x, or eager disabled): Keras builds the

@@ -63,7 +63,7 @@ class _Keras3Training(_model.Accumulating):
 
     def train_step(self, data):
         if self._accum_keras_step:
-            return self._with_update_count(super(_Keras3Training, self).train_step(data))
+            return super(_Keras3Training, self).train_step(data)
         optimizer = self.optimizer
         _optimizer.refuse_own_accumulation(
             optimizer, "accumulate", "Create the optimizer without gradient_accumulation_steps "
@@ -119,7 +119,7 @@ class _Keras3Training(_model.Accumulating):
                 "accumulate: Keras {}'s train_step did not call optimizer.{}, which gradaccum "
                 "stands in for to accumulate. Please report this with your Keras "
                 "version.".format(keras.__version__, " or optimizer.".join(missing)))
-        return self._with_update_count(logs)
+        return logs
 
 
 class _WindowCallback(_model.WindowCallback, keras.callbacks.Callback):
