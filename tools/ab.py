@@ -84,24 +84,44 @@ def compare(args, keras, packages):
     x, y = benchmark.data(args.model, 8 * 32)
     batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(32).cache().repeat()
     make_model = benchmark.MODELS[args.model]
+
+    def compiled(model, optimizer):
+        model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
     for n in [int(value) for value in args.n.split(",")]:
-        makers = {side: (lambda package=package: (package.AccumOptimizer(benchmark.sgd(keras), n), True))
-                  for side, package in packages.items()}
-        if _compat.keras_major(keras) >= 3 and n > 1:
-            makers["keras3-option"] = lambda: (benchmark.sgd(keras, gradient_accumulation_steps=n), False)
+        if args.route == "fit":
+            makers = {side: (lambda package=package: (compiled(package.accumulate(make_model(keras), n),
+                                                               benchmark.sgd(keras)), True))
+                      for side, package in packages.items()}
+            if _compat.keras_major(keras) >= 3 and n > 1:
+                makers["keras3-option"] = lambda: (compiled(
+                    make_model(keras), benchmark.sgd(keras, gradient_accumulation_steps=n)), False)
+        else:
+            makers = {side: (lambda package=package: (package.AccumOptimizer(benchmark.sgd(keras), n), True))
+                      for side, package in packages.items()}
+            if _compat.keras_major(keras) >= 3 and n > 1:
+                makers["keras3-option"] = lambda: (benchmark.sgd(keras, gradient_accumulation_steps=n), False)
         runs = {side: [] for side in makers}
         order = np.random.RandomState(0)
         # (Built in turns: the side built first ran slow otherwise; see the module's docstring.)
         for side in benchmark.in_turns(makers, args.instances, order):
-            optimizer, sized = makers[side]()
-            if sized and not type(optimizer).__module__.startswith(packages[side].__name__ + "."):
-                raise SystemExit("ab.py: {}'s optimizer is {}.{}, not its own package's; the comparison "
+            made, ours = makers[side]()
+            if ours and not type(made).__module__.startswith(packages[side].__name__ + "."):
+                raise SystemExit("ab.py: {}'s {} is {}.{}, not its own package's; the comparison "
                                  "would run one library twice".format(
-                                     side, type(optimizer).__module__, type(optimizer).__name__))
-            step, batch = benchmark.loop_step(keras, make_model(keras), optimizer, sized), iter(batches)
-            for _ in range(4 * n):  # trace, warm up
-                step(*next(batch))
-            runs[side].append((step, batch))
+                                     side, "model" if args.route == "fit" else "optimizer",
+                                     type(made).__module__, type(made).__name__))
+            if args.route == "fit":
+                made.fit(x[:2 * n * 32], y[:2 * n * 32], batch_size=32, epochs=1, shuffle=False, verbose=0)
+                run = benchmark.step_runner(side, made, batches, n, benchmark.TRACES, phase=len(runs[side]))
+                for _ in range(run.warm_up):  # trace, warm up
+                    run()
+                runs[side].append((run, None))
+            else:
+                step, batch = benchmark.loop_step(keras, make_model(keras), made, ours), iter(batches)
+                for _ in range(4 * n):  # trace, warm up
+                    step(*next(batch))
+                runs[side].append((step, batch))
         times = {side: [] for side in runs}
         gc.collect()
         gc.disable()
@@ -110,9 +130,9 @@ def compare(args, keras, packages):
                 instance = benchmark.instance_of(index, n, 1, args.instances)
                 for side in order.permutation(list(runs)):
                     step, batch = runs[side][instance]
-                    x_batch, y_batch = next(batch)
+                    args_ = next(batch) if batch is not None else ()  # (a loop's batch, fetched untimed)
                     start = time.perf_counter()
-                    step(x_batch, y_batch)
+                    step(*args_)
                     times[side].append(time.perf_counter() - start)
         finally:
             gc.enable()
@@ -139,6 +159,9 @@ def main():
     parser.add_argument("--model", default="mlp", choices=sorted(benchmark.MODELS))
     parser.add_argument("--windows", type=int, default=240, help="timed windows per variant")
     parser.add_argument("--instances", type=int, default=6, help="models per variant, stepped in turn")
+    parser.add_argument("--route", default="loop", choices=["loop", "fit"],
+                        help="loop: AccumOptimizer in a custom loop; fit: accumulate(model, n) through "
+                             "fit's train function (its traces as benchmark.py's: step_runner)")
     args = parser.parse_args()
     for name, value, least in (("--windows", args.windows, 5), ("--instances", args.instances, 1)):
         if value < least:  # (--windows: the ratios are reported per fifth of them)
