@@ -1,6 +1,6 @@
 """Side by side in one process: the working tree's gradaccum against a git revision's.
 
-    .tox/bench/bin/python tools/ab.py REV [--n 2,8] [--model mlp] [--windows 240] [--instances 6]
+    .tox/bench/bin/python tools/ab.py REV [--n 2,8] [--model mlp] [--windows 240] [--instances 6] [--route fit]
 
 A library change that should make training faster is judged here before the
 benchmark's full run: the revision's `gradaccum/` is exported (`git archive`)
@@ -8,7 +8,10 @@ into a temporary folder as the package `gradaccum_ab`, its Keras
 registrations renamed so that both import, and each side trains the
 benchmark's custom loop (tools/benchmark.py's models, data, SGD with momentum,
 one thread each pool), with Keras 3's `gradient_accumulation_steps` as a
-third variant where the Keras is 3. As benchmark.py's throughput part does,
+third variant where the Keras is 3. With `--route fit` each side is
+`accumulate(model, n)` instead, stepped through `fit`'s train function as
+benchmark.py steps its `fit` variants (4 traces an instance), and the
+option is compiled into a plain model. As benchmark.py's throughput part does,
 every variant takes one micro-step in turn, in a new random order each step,
 over several instances each; the figure is the ratio of their times per
 window (n consecutive steps: one update), its median, and the median of each
