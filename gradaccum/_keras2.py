@@ -62,19 +62,24 @@ class _Keras2Training(_model.Accumulating):
         if scaling:
             _model.refuse_skipping_with_loss_scaling(self)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        size = _model.batch_size(x)
         with tf.GradientTape() as tape:
             with self._accum_pooling():
                 y_pred = self(x, training=True)
             loss = self._accum_loss(x, y, y_pred, sample_weight)
+            # (After the forward pass, which builds the variables.)
+            prescaled = not scaling and window.prescales(self.trainable_variables)
             if scaling:
                 loss = window.scale_loss(loss, optimizer.get_scaled_loss)
+            elif prescaled:  # one scalar multiply, not a pass over each gradient
+                loss = loss * tf.cast(window.loss_factor(size), loss.dtype)
         variables = self.trainable_variables
         grads_and_vars = zip(tape.gradient(loss, variables), variables)
         if scaling:
             grads_and_vars = window.unscale(grads_and_vars, unscale_fn=optimizer.get_unscaled_gradients)
         with tf.init_scope():
             optimizer.iterations  # created outside the cond branch
-        window.accumulate(grads_and_vars, _model.batch_size(x), optimizer.apply_gradients)
+        window.accumulate(grads_and_vars, size, optimizer.apply_gradients, prescaled=prescaled)
         return self._accum_metrics(x, y, y_pred, sample_weight)
 
     def _make_train_function(self):

@@ -12,6 +12,10 @@ with the real `apply_gradients` when the window is due, inside `tf.cond`. On
 the other micro-steps the optimizer is not called at all, so its iterations,
 slots, learning-rate schedule, gradient clipping, weight decay and EMA act
 once per update, on the accumulated gradient, as on the big batch.
+Its `scale_loss`, which Keras' step calls on the loss before the backward
+pass, is stood in for too: it multiplies the loss by the micro-batch's
+weight in the window (`Window.prescales`), so that the gradients come
+scaled as the window adds them.
 What Keras 2 and 3 models share is in `_model`.
 
 Why stand-ins, now that an AccumOptimizer exists that Keras could be compiled
@@ -72,11 +76,13 @@ class _Keras3Training(_model.Accumulating):
         window = self._accum_window
         # The class's methods: another replica's thread may be standing in now.
         apply_gradients = _method(optimizer, "apply_gradients")
-        x = keras.utils.unpack_x_y_sample_weight(data)[0]
+        size = _model.batch_size(keras.utils.unpack_x_y_sample_weight(data)[0])
+        loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         called = []
         stand_ins = {}
         unscale = rescale = list
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        prescaled = []  # (whether the stand-in for scale_loss folded the weight into the loss)
+        if loss_scaling:
             _model.refuse_skipping_with_loss_scaling(self)
             # Mixed precision (see Window.scale_loss): each micro-batch's loss
             # is scaled by scale / n, so that its float16 gradients have the
@@ -100,17 +106,33 @@ class _Keras3Training(_model.Accumulating):
 
             def rescale(pairs):
                 return multiplied(pairs, scale)
+        else:
+            # One scalar multiply of the loss instead of a pass over each
+            # gradient (see Window.prescales). Keras' step calls scale_loss
+            # after the forward pass, which builds the variables; a step that
+            # did not call it adds its gradients scaled, as before.
+            scale_loss = _method(optimizer, "scale_loss")
+
+            def prescale_micro_batch_loss(loss):
+                if window.prescales(self.trainable_variables):
+                    prescaled.append(True)
+                    loss = loss * tf.cast(window.loss_factor(size), loss.dtype)
+                return scale_loss(loss)
+
+            stand_ins["scale_loss"] = prescale_micro_batch_loss
 
         def accumulate_gradients(grads_and_vars):
             called.append("apply_gradients")
             return window.accumulate(
-                unscale(grads_and_vars), _model.batch_size(x),
-                lambda mean: apply_gradients(rescale(mean)))
+                unscale(grads_and_vars), size,
+                lambda mean: apply_gradients(rescale(mean)), prescaled=bool(prescaled))
 
         stand_ins["apply_gradients"] = accumulate_gradients
         with standing_in(optimizer, stand_ins), self._accum_pooling():
             logs = super(_Keras3Training, self).train_step(data)
-        missing = [name for name in stand_ins if name not in called]
+        # (Under loss scaling both must run; scale_loss alone may not otherwise.)
+        required = ["apply_gradients"] + (["scale_loss"] if loss_scaling else [])
+        missing = [name for name in required if name not in called]
         if missing:
             # Without its stand-in the step would apply every micro-batch
             # (apply_gradients) or scale float16 gradients n times too large

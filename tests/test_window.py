@@ -76,6 +76,35 @@ def test_weighted_mean_over_micro_batches_of_8_8_3_6_is_applied_once_on_the_4th_
     np.testing.assert_allclose(recorder.calls[1]["v:0"], weighted_mean(grads, [1, 3, 1, 1]), rtol=1e-6, atol=1e-7)
 
 
+def test_prescaled_gradients_weighted_by_the_loss_factor_give_the_same_weighted_mean(monkeypatch):
+    # The model route multiplies each micro-batch's loss by loss_factor(b)
+    # and hands its gradients over prescaled; the window adds them as they
+    # come. Here the "loss" is linear: its gradient times the factor.
+    monkeypatch.setattr(_window, "IN_PLACE_ELEMENTS", 4)
+    v, small = variable("v", (2, 3)), variable("small", (3,))
+    assert Window(4).prescales([small, v]) and not Window(4).prescales([small])
+    assert not Window(4, reduction=SUM).prescales([v])
+    window, recorder = Window(4), Recorder()
+    grads = gradients((2, 3), 8)
+    factors, applied = [], []
+    for g, b in zip(grads, [8, 8, 3, 6, 8, 8, 8, 8]):
+        factor = float(window.loss_factor(b).numpy())
+        factors.append(factor)
+        applied.append(bool(window.accumulate(
+            [(tf.constant(g * np.float32(factor)), v)], b, recorder, prescaled=True).numpy()))
+    # b_k / planned, planned = 4 * 8 by the window's first micro-batch: 1/4 for
+    # a full one (exact), 3/32 and 6/32 for the short ones.
+    assert factors == [0.25, 0.25, np.float32(3) / np.float32(32), np.float32(6) / np.float32(32)] + [0.25] * 4
+    assert applied == [False, False, False, True] * 2
+    np.testing.assert_allclose(recorder.calls[0]["v:0"], weighted_mean(grads[:4], [8, 8, 3, 6]),
+                               rtol=1e-6, atol=1e-7)
+    # A full window of equal micro-batches: its prescaled sum is its mean.
+    np.testing.assert_allclose(recorder.calls[1]["v:0"], np.mean(grads[4:], axis=0), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(recorder.calls[0]["v:0"], np.mean(grads[:4], axis=0), rtol=1e-3)
+    # A first micro-batch of no samples (a replica that got none) weighs 0.
+    assert float(Window(4).loss_factor(0).numpy()) == 0.0
+
+
 @pytest.mark.parametrize("in_place", [True, False])
 def test_a_window_that_weighs_what_it_planned_hands_its_sums_over_and_others_are_scaled(monkeypatch, in_place):
     # The sums are divided by n times the first micro-batch's size. Windows
