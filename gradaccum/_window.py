@@ -269,7 +269,7 @@ class Window(object):
             scale = weight
             if planning:
                 planned = self._planned(weight)
-                scale = weight / planned
+                scale = None if prescaled else weight / planned
                 written.append(self.planned.assign(planned, read_value=False))
             for key, total in self._sums.items():
                 grad = grads.get(key)
@@ -286,7 +286,7 @@ class Window(object):
                 return tf.constant(True)
 
         def add():
-            scale = weight / self.planned if planning else weight
+            scale = None if prescaled else weight / self.planned if planning else weight
             added = [update(self._sums[key], grad, scale) for key, grad in grads.items()]
             with tf.control_dependencies(added):
                 return tf.constant(False)
