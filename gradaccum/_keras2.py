@@ -72,7 +72,7 @@ class _Keras2Training(_model.Accumulating):
             if scaling:
                 loss = window.scale_loss(loss, optimizer.get_scaled_loss)
             elif prescaled:  # one scalar multiply, not a pass over each gradient
-                loss = loss * tf.cast(window.loss_factor(size), loss.dtype)
+                loss = window.prescale_loss(loss, size)
         variables = self.trainable_variables
         grads_and_vars = zip(tape.gradient(loss, variables), variables)
         if scaling:

@@ -116,7 +116,7 @@ class _Keras3Training(_model.Accumulating):
             def prescale_micro_batch_loss(loss):
                 if window.prescales(self.trainable_variables):
                     prescaled.append(True)
-                    loss = loss * tf.cast(window.loss_factor(size), loss.dtype)
+                    loss = window.prescale_loss(loss, size)
                 return scale_loss(loss)
 
             stand_ins["scale_loss"] = prescale_micro_batch_loss

@@ -255,13 +255,13 @@ class Accumulating(object):
                 "agc": self._accum_window.agc, "agc_eps": self._accum_window.agc_eps}
 
     def _accum_counts(self):
-        """COUNTS' readers for a progress bar mid-epoch: name -> function returning the count now.
+        """The counts that a step's logs lack: name -> function returning the count now.
 
         A training step returns Keras' logs only, no counts: each tensor more
         a step returns costs every step time (measured on the benchmark's MLP
         at n = 8: 1.4% of a step for `updates` alone). The counts are read
         where they are shown: the progress bar reads these when it prints,
-        and `WindowCallback` writes them into the epoch's logs.
+        and `WindowCallback` writes them into the epoch's logs (with `n`).
         """
         counts = {"updates": lambda: self._accum_read(self.optimizer.iterations)}
         if self.skip_nonfinite:
@@ -388,12 +388,13 @@ class WindowCallback(object):
     def on_epoch_end(self, epoch, logs=None):
         self.model._accum_flush()
         if logs is not None:
-            logs["updates"] = self.model._accum_read(self.model.optimizer.iterations)
+            counts = {key: read() for key, read in self.model._accum_counts().items()}
+            logs["updates"] = counts.pop("updates")
             logs["n"] = self.model.n
-            if self.model.skip_nonfinite:
-                logs["skipped"] = self.model._accum_read(self.model._accum_window.skipped)
-            # Keras 3 before 3.7 hands over epoch logs with a key its metrics
-            # lack (`updates`) as the step's tensors, which CSVLogger cannot
+            logs.update(counts)  # (`skipped`, where the model skips)
+            # Keras 3 before 3.7 hands over epoch logs whose keys differ from
+            # its metrics' as the step's tensors (they did while each step
+            # returned `updates`, until cd03ead), which CSVLogger cannot
             # write; every later callback sees what this one leaves.
             for key, value in list(logs.items()):
                 if tf.is_tensor(value) and value.shape.rank == 0:
@@ -437,7 +438,7 @@ class CountsProgbarLogger(object):
         if bar is None or getattr(bar, "_gradaccum_counts", False):
             return
         update = bar.update
-        live = self.model._accum_counts()
+        live = {key: _Count(read) for key, read in self.model._accum_counts().items()}
 
         def update_with_counts(current, values=None, *args, **kwargs):
             rest, counts = [], {}
@@ -448,8 +449,8 @@ class CountsProgbarLogger(object):
                     rest.append((key, value))
             # A step's logs hold no counts (Accumulating._accum_counts): the
             # bar reads them when it prints. The epoch's logs hold them.
-            for key, read in live.items():
-                counts.setdefault(key, _Count(read))
+            for key, count in live.items():
+                counts.setdefault(key, count)
             for key, _ in rest:  # (Keras' values first, in their order)
                 if key not in bar._values_order:
                     bar._values_order.append(key)

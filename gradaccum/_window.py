@@ -303,8 +303,8 @@ class Window(object):
 
         Where a variable is large (IN_PLACE_ELEMENTS) and the reduction is
         the mean: the route multiplies the micro-batch's loss by
-        `loss_factor(batch_size)`, one scalar multiply before the backward
-        pass, and passes `prescaled=True` to `accumulate`. The gradients then
+        `loss_factor(batch_size)` (`prescale_loss`), one scalar multiply
+        before the backward pass, and passes `prescaled=True` to `accumulate`. The gradients then
         come scaled as `add` would scale them, and are added with no pass of
         their own. Not under loss scaling, whose routes scale the loss
         their way (`scale_loss`). A window of small variables only keeps
@@ -312,6 +312,10 @@ class Window(object):
         """
         return self.reduction == MEAN and any(
             (var.shape.num_elements() or 0) >= IN_PLACE_ELEMENTS for var in variables)
+
+    def prescale_loss(self, loss, batch_size):
+        """A micro-batch's loss times its `loss_factor`, for a route that `prescales`."""
+        return loss * tf.cast(self.loss_factor(batch_size), loss.dtype)
 
     def loss_factor(self, batch_size):
         """weight / planned: what `add` multiplies a micro-batch's gradients by, as a factor of its loss.
