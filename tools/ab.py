@@ -92,18 +92,21 @@ def compare(args, keras, packages):
         model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         return model
     for n in [int(value) for value in args.n.split(",")]:
-        if args.route == "fit":
-            makers = {side: (lambda package=package: (compiled(package.accumulate(make_model(keras), n),
-                                                               benchmark.sgd(keras)), True))
-                      for side, package in packages.items()}
-            if _compat.keras_major(keras) >= 3 and n > 1:
-                makers["keras3-option"] = lambda: (compiled(
-                    make_model(keras), benchmark.sgd(keras, gradient_accumulation_steps=n)), False)
-        else:
-            makers = {side: (lambda package=package: (package.AccumOptimizer(benchmark.sgd(keras), n), True))
-                      for side, package in packages.items()}
-            if _compat.keras_major(keras) >= 3 and n > 1:
-                makers["keras3-option"] = lambda: (benchmark.sgd(keras, gradient_accumulation_steps=n), False)
+        if args.route == "fit":  # a side's accumulating model, and the option's
+            def make_ours(package):
+                return compiled(package.accumulate(make_model(keras), n), benchmark.sgd(keras))
+
+            def make_option():
+                return compiled(make_model(keras), benchmark.sgd(keras, gradient_accumulation_steps=n))
+        else:  # a side's optimizer for the custom loop, and the option's
+            def make_ours(package):
+                return package.AccumOptimizer(benchmark.sgd(keras), n)
+
+            def make_option():
+                return benchmark.sgd(keras, gradient_accumulation_steps=n)
+        makers = {side: (lambda package=package: (make_ours(package), True)) for side, package in packages.items()}
+        if _compat.keras_major(keras) >= 3 and n > 1:
+            makers["keras3-option"] = lambda: (make_option(), False)
         runs = {side: [] for side in makers}
         order = np.random.RandomState(0)
         # (Built in turns: the side built first ran slow otherwise; see the module's docstring.)
@@ -133,9 +136,9 @@ def compare(args, keras, packages):
                 instance = benchmark.instance_of(index, n, 1, args.instances)
                 for side in order.permutation(list(runs)):
                     step, batch = runs[side][instance]
-                    args_ = next(batch) if batch is not None else ()  # (a loop's batch, fetched untimed)
+                    inputs = next(batch) if batch is not None else ()  # (a loop's batch, fetched untimed)
                     start = time.perf_counter()
-                    step(*args_)
+                    step(*inputs)
                     times[side].append(time.perf_counter() - start)
         finally:
             gc.enable()

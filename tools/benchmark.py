@@ -807,6 +807,7 @@ def targets(runs):
         # The n > 1 this run has (all of NS, unless it ran with `--ns`), as the lines name them.
         ns = [n for n in NS if n > 1 and any(r["n"] == n for r in rows)]
         named = "n = " + ", ".join(map(str, ns))
+        accumulating = models if ns else []  # (a run of n = 1 alone, `--ns 1`, states no n > 1 target)
         # At n = 1 the optimizer-wrapper variant is compiled with the plain
         # optimizer: the same training as plain, built beside it in turns.
         same = [(m, find[(m, 1, "gradaccum-optimizer")]["vs_plain"]) for m in models
@@ -824,7 +825,7 @@ def targets(runs):
                 lines.append("- {}: n = 1 indistinguishable from plain (within {:.0%}): {} ({} / {}: {}).".format(
                     label, TIE, _verdict(all(abs(v - 1) <= TIE for _, v in n1)), ours, theirs,
                     ", ".join("{} {:.3f}".format(m, v) for m, v in n1)))
-        for model in models if ns else []:
+        for model in accumulating:
             target = FLOOR_TARGET[model]
             ratios = [find[(model, n, "gradaccum")]["vs_floor"] for n in ns]
             lines.append("- {}: gradaccum at least {:.2f} of the floor on the {} ({}): {} ({}; plain "
@@ -847,7 +848,7 @@ def targets(runs):
         if any(r["variant"] == "loop: bound" for r in rows):
             # What accumulation cannot avoid: the bound makes the gradients, adds
             # them in one fused pass and applies every n-th step, nothing more.
-            for model in models if ns else []:
+            for model in accumulating:
                 lines.append("- {}: the {}'s bound (loop: bound / loop: floor, {}): {}; loop: "
                              "gradaccum-optimizer / loop: bound: {}.".format(
                                  label, model, named, ", ".join("{:.3f}".format(_paired(
